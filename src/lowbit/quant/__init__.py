@@ -1,0 +1,25 @@
+"""Quantisers, one module per family, registered under string names (see ``registry``)."""
+
+from . import affine, binary, dorefa, lsq, pact, pow2, stochastic, ternary
+from .base import QuantSpec, Quantizer, round_ste, scale_grad
+from .registry import create, get, methods, register, roles_of
+
+__all__ = [
+    "QuantSpec",
+    "Quantizer",
+    "affine",
+    "binary",
+    "create",
+    "dorefa",
+    "get",
+    "lsq",
+    "methods",
+    "pact",
+    "pow2",
+    "register",
+    "roles_of",
+    "round_ste",
+    "scale_grad",
+    "stochastic",
+    "ternary",
+]
