@@ -1,1 +1,228 @@
-"""(being written)"""
+"""Binary (1-bit) quantisers: BNN, XNOR-Net and stochastic BinaryConnect.
+
+All of them produce levels ``{-1, +1}`` (times a scale) with ``sign(0) = +1`` and pass the
+gradient straight through the sign inside the hardtanh range (METHODS.md, "Binary")::
+
+    forward  b = sign(x)                 backward  dx = g * 1{|x| <= 1}
+
+The helpers :func:`sign_levels`, :func:`straight_through` and :func:`binary_spec` are shared with
+:mod:`lowbit.quant.ternary`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Quantizer, QuantSpec, channel_view
+from .registry import ROLES, register
+
+__all__ = [
+    "BinaryConnect",
+    "SignBNN",
+    "XNORActivation",
+    "XNORWeight",
+    "binary_spec",
+    "hardtanh_mask",
+    "sign_levels",
+    "straight_through",
+]
+
+
+def sign_levels(x: Tensor) -> Tensor:
+    """``sign(x)`` with ``sign(0) = +1``, as ``{-1., +1.}`` in ``x``'s dtype (no gradient)."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x.detach() >= 0, one, -one)
+
+
+def hardtanh_mask(x: Tensor) -> Tensor:
+    """``1{|x| <= 1}``: where the hardtanh straight-through estimator lets the gradient pass."""
+    return x.detach().abs() <= 1
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the precomputed ``q``; backward passes ``g`` (times ``mask``) to ``x``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, q: Tensor, mask: Tensor | None) -> Tensor:
+        ctx.save_for_backward(mask)
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return (grad if mask is None else grad * mask), None, None
+
+
+def straight_through(x: Tensor, q: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Straight-through estimator (STE): value ``q`` exactly, gradient ``g * mask`` to ``x``.
+
+    ``q`` and ``mask`` are constants (computed without gradient); ``mask=None`` is the identity
+    STE. The forward value is bitwise ``q``, so :meth:`Quantizer.codes` can reproduce it.
+    """
+    return _StraightThrough.apply(x, q.detach(), mask)
+
+
+def binary_spec(scale: Tensor, axis: int | None = None) -> QuantSpec:
+    """The :class:`QuantSpec` of codes ``{-1, +1}`` with real value ``scale * code``."""
+    return QuantSpec(scheme="binary", bits=1, qmin=-1, qmax=1, scale=scale.detach(), axis=axis)
+
+
+def _sign_codes(x: Tensor) -> Tensor:
+    return sign_levels(x).to(torch.int8)
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+@register("bnn")
+class SignBNN(Quantizer):
+    """BNN (Courbariaux/Hubara 2016): ``b = sign(x)`` with ``sign(0) = +1``, no scale.
+
+    Backward is the hardtanh STE ``dx = g * 1{|x| <= 1}``. Serves both roles (``role`` is
+    ``"weight"`` or ``"activation"``). ``latent_range = (-1, 1)``: the layer clips latent weights
+    to ``[-1, 1]`` after every optimizer step.
+    """
+
+    latent_range = (-1.0, 1.0)
+
+    def __init__(self, *, role: str = "weight") -> None:
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role  # type: ignore[misc]  # instance role of a two-role class
+        self.bits = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return straight_through(x, sign_levels(x), hardtanh_mask(x))
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes ``sign(x)`` in ``{-1, +1}``, scale 1."""
+        return _sign_codes(x), binary_spec(torch.ones((), dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"bits=1, role={self.role}"
+
+
+def _filter_means(w: Tensor) -> Tensor:
+    """``alpha_c = mean(|W_c|)`` per output channel (dim 0, over all other dims), shape [C_out]."""
+    if w.dim() < 1:
+        raise ValueError(f"x must have an output-channel dimension, got shape {tuple(w.shape)}")
+    return w.abs().reshape(w.shape[0], -1).mean(dim=1)
+
+
+@register("xnor", roles=("weight",))
+class XNORWeight(Quantizer):
+    """XNOR-Net weights (Rastegari 2016): ``W ~ alpha * sign(W)``, ``alpha_c = mean(|W_c|)``.
+
+    ``alpha`` is one scale per output channel (dim 0). Gradient (choice documented here):
+    ``alpha`` is differentiable, so with ``n`` weights per filter
+
+        ``dL/dW_i = alpha_c * g_i * 1{|W_i| <= 1} + sgn(W_i) / n * sum_j g_j * sign(W_j)``
+
+    (the first term is the hardtanh STE through ``sign``, the second the path through ``alpha``;
+    ``sgn(0) = 0`` as in ``torch.abs``'s derivative).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bits = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        alpha = channel_view(_filter_means(x), x.dim(), 0)
+        return alpha * straight_through(x, sign_levels(x), hardtanh_mask(x))
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes ``sign(W)``; scale ``alpha`` of shape [C_out] along axis 0."""
+        return _sign_codes(x), binary_spec(_filter_means(x.detach()), axis=0)
+
+
+@register("xnor", roles=("activation",))
+class XNORActivation(Quantizer):
+    """XNOR-Net activations (Rastegari 2016): ``x ~ beta * sign(x)``.
+
+    ``beta = mean(|x|)`` over the channel dimension (dim 1) per sample and position, shape
+    ``(N, 1, H, W)`` for 4-D input and ``(N, 1)`` for 2-D input. With ``per_sample=True`` (the
+    allowed simplification) ``beta`` is one scalar per sample: the mean over all non-batch dims,
+    shape ``(N, 1, ..., 1)``. ``beta`` is a constant in backward (detached), so
+    ``dx = beta * g * 1{|x| <= 1}`` (hardtanh STE through ``sign``).
+    """
+
+    def __init__(self, *, per_sample: bool = False) -> None:
+        super().__init__()
+        _check_bool("per_sample", per_sample)
+        self.per_sample = per_sample
+        self.bits = 1
+
+    def _beta(self, x: Tensor) -> Tensor:
+        if x.dim() < 2:
+            raise ValueError(
+                f"x must have batch and channel dims (N, C, ...), got {tuple(x.shape)}"
+            )
+        dims = tuple(range(1, x.dim())) if self.per_sample else (1,)
+        return x.detach().abs().mean(dim=dims, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._beta(x) * straight_through(x, sign_levels(x), hardtanh_mask(x))
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes ``sign(x)``; scale ``beta`` broadcastable to ``x`` (``axis=None``)."""
+        return _sign_codes(x), binary_spec(self._beta(x))
+
+    def extra_repr(self) -> str:
+        return f"bits=1, per_sample={self.per_sample}"
+
+
+@register("binaryconnect", roles=("weight",))
+class BinaryConnect(Quantizer):
+    """Stochastic BinaryConnect (Courbariaux 2015, via the survey).
+
+    Training mode: ``wb = +1`` with probability ``p = clip((w + 1) / 2, 0, 1)``, else ``-1``
+    (drawn as ``u < p`` with ``u ~ U[0, 1)``). Evaluation mode: deterministic ``sign(w)`` with
+    ``sign(0) = +1``. Backward: hardtanh STE ``dw = g * 1{|w| <= 1}`` in both modes.
+
+    The random numbers come from a :class:`torch.Generator` owned by the module, seeded with
+    ``seed`` and created on the first training forward on the input's device (re-created, and so
+    re-seeded, if the input moves to another device). ``latent_range = (-1, 1)``.
+    """
+
+    latent_range = (-1.0, 1.0)
+
+    def __init__(self, *, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = seed
+        self.bits = 1
+        self._generator: torch.Generator | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def _sample(self, w: Tensor) -> Tensor:
+        wd = w.detach()
+        p = ((wd + 1) / 2).clamp(0, 1)
+        u = torch.rand(wd.shape, generator=self._rng(wd.device), dtype=wd.dtype, device=wd.device)
+        one = torch.ones((), dtype=wd.dtype, device=wd.device)
+        return torch.where(u < p, one, -one)
+
+    def forward(self, x: Tensor) -> Tensor:
+        levels = self._sample(x) if self.training else sign_levels(x)
+        return straight_through(x, levels, hardtanh_mask(x))
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """The deterministic (evaluation) codes ``sign(w)``, scale 1.
+
+        They equal :meth:`forward` in eval mode; in training mode forward is a random draw.
+        """
+        return _sign_codes(x), binary_spec(torch.ones((), dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"bits=1, seed={self.seed}"

@@ -1,1 +1,274 @@
-"""(being written)"""
+"""Learned Step Size Quantization (Esser et al. 2019) and the uniform-grid helpers it shares.
+
+LSQ quantises ``v`` with a learned step ``s``::
+
+    v_bar = round(clip(v / s, -QN, QP)),   v_hat = v_bar * s
+
+signed data (weights): ``QN = 2^(b-1)``, ``QP = 2^(b-1) - 1``; unsigned data (post-ReLU
+activations): ``QN = 0``, ``QP = 2^b - 1``.
+
+The helpers at the top (option checks, :func:`ste`, :func:`uniform_codes`, :func:`positive`,
+:func:`signed_bounds`) are used by the other quantisers of this package as well.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .base import Quantizer, QuantSpec, Role, channel_view, scale_grad
+from .registry import ROLES, register
+
+CODE_DTYPE = torch.int32
+
+
+# --------------------------------------------------------------------------- option checks
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """Return ``value`` if it is an ``int`` (not a bool) in ``[low, high]``, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool``, else ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_role(role: object) -> Role:
+    """Return ``role`` if it is ``"weight"`` or ``"activation"``, else ValueError."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return role  # type: ignore[return-value]
+
+
+def check_per_channel(per_channel: object, role: Role) -> bool:
+    """Validate ``per_channel``: a bool, and only for weights (one scale per output channel)."""
+    check_bool("per_channel", per_channel)
+    if per_channel and role != "weight":
+        raise ValueError(f"per_channel=True is only for weights, got role={role!r}")
+    return bool(per_channel)
+
+
+# --------------------------------------------------------------------------- tensor helpers
+def signed_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """LSQ's ``(QN, QP)``: ``(2^(b-1), 2^(b-1) - 1)`` if ``signed``, else ``(0, 2^b - 1)``."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def ste(x: Tensor, q: Tensor) -> Tensor:
+    """Straight-through estimator: value ``q`` exactly, gradient passed to ``x`` unchanged.
+
+    Written as ``q + (x - x.detach())`` so the forward value is bit-exact ``q`` (the usual
+    ``x + (q - x).detach()`` can be off by one ulp).
+    """
+    return q.detach() + (x - x.detach())
+
+
+def uniform_codes(x: Tensor, inv_step: Tensor | float, low: int, high: int) -> Tensor:
+    """Integer-valued float codes ``clamp(round(x * inv_step), low, high)`` (round half to even).
+
+    Clamping after rounding equals rounding after clipping for integer bounds and costs one
+    pass less. Every uniform quantiser computes its codes here, so ``forward`` and ``codes``
+    agree bit for bit.
+    """
+    return (x * inv_step).round_().clamp_(low, high)
+
+
+def rowwise_dot(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
+    """``sum(a * b)`` reduced to the shape of ``like``: a scalar, or one value per row of dim 0.
+
+    The gradient of a per-tensor or per-output-channel scale, in one fused multiply-reduce.
+    """
+    k = like.numel()
+    return torch.einsum("ki,ki->k", a.reshape(k, -1), b.reshape(k, -1)).reshape(like.shape)
+
+
+def positive(t: Tensor) -> Tensor:
+    """``max(|t|, tiny)``: a learned scale kept strictly positive without touching ``.data``.
+
+    ``abs`` lets a step that an update pushed below zero keep learning (as ``|s|``); the floor at
+    the dtype's smallest normal number keeps ``1 / s`` finite.
+    """
+    return t.abs().clamp_min(torch.finfo(t.dtype).tiny)
+
+
+def abs_rows(x: Tensor, per_channel: bool) -> Tensor:
+    """``|x|`` flattened to one row per output channel (dim 0), or to one row for the tensor.
+
+    Reduce with ``dim=-1`` to get a per-channel vector or a per-tensor scalar statistic.
+    """
+    a = x.detach().abs()
+    return a.reshape(x.shape[0], -1) if per_channel else a.reshape(-1)
+
+
+# --------------------------------------------------------------------------- LSQ autograd
+class _LSQFunction(torch.autograd.Function):
+    """``v_hat = clamp(round(v / s), -QN, QP) * s`` with LSQ's gradients (Esser 2019, Eq. 3).
+
+    Boundary convention (that of ``torch._fake_quantize_learnable_per_tensor_affine``): an
+    element counts as inside the range when its *rounded* value ``round(v / s)`` lies in
+    ``[-QN, QP]``. Inside, ``dv_hat/dv = 1`` and ``dv_hat/ds = round(v/s) - v/s``; outside,
+    ``dv_hat/dv = 0`` and ``dv_hat/ds = -QN`` or ``QP``. This differs from the paper's
+    ``1{-QN < v/s < QP}`` only in the half step just beyond each clip edge, whose values round
+    onto the edge level anyway: there the step gradient is ``round(v/s) - v/s`` (at most 1/2 in
+    size) instead of ``QP`` or ``-QN``, and ``v`` gets the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, v: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
+        ctx.save_for_backward(v, s)
+        ctx.bounds = (qn, qp)  # type: ignore[attr-defined]
+        return uniform_codes(v, 1.0 / s, -qn, qp).mul_(s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        v, s = ctx.saved_tensors
+        qn, qp = ctx.bounds
+        # q clipped one level beyond the range: stays finite, and inside-ness is unchanged
+        q = (v * (1.0 / s)).clamp_(-qn - 1, qp + 1)
+        r = q.round()
+        rc = r.clamp(-qn, qp)
+        inside = (r == rc).to(q.dtype)
+        grad_v = g * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:  # inside: round(q) - q = rc - q; outside: rc (-QN or QP)
+            grad_s = rowwise_dot(rc.sub_(q.mul_(inside)), g, s)
+        return grad_v, grad_s, None, None
+
+
+# --------------------------------------------------------------------------- LSQ module
+@register("lsq", roles=ROLES)
+class LSQ(Quantizer):
+    """Learned Step Size Quantization (Esser et al. 2019), weights or activations.
+
+    Forward ``v_hat = round(clip(v / s, -QN, QP)) * s`` (round half to even). Backward:
+    ``dv_hat/dv = 1`` inside the range, 0 outside; ``dv_hat/ds`` by Eq. 3 (boundary convention
+    in :class:`_LSQFunction`). The step gradient is multiplied by ``gs = 1 / sqrt(N * QP)``
+    (Eq. 4) through ``s_used = s * gs + (s - s * gs).detach()``, where ``N`` is the number of
+    elements that share one step: all weights of the layer, the weights of one output channel
+    when ``per_channel``, or the features of one sample (``x[0].numel()``) for activations.
+
+    ``s`` is an ``nn.Parameter`` initialised on the first forward to ``2 * mean(|v|) / sqrt(QP)``
+    (per output channel when ``per_channel``; activations: from the first batch). With
+    ``per_channel`` its shape is unknown until then, so it starts as an
+    ``UninitializedParameter`` (like ``torch.nn.LazyLinear``): an optimizer may hold it already,
+    but run one forward (or load a state dict) before wrapping the model in DDP or saving it.
+    The ``initialized`` buffer, saved in the state dict, stops a loaded step from being re-set.
+    The step used is ``max(|s|, tiny)`` so it stays positive (see :func:`positive`).
+
+    Args:
+        role: ``"weight"`` or ``"activation"``.
+        bits: 2..8.
+        signed: None picks signed for weights and, for activations, unsigned if the first
+            batch has ``min(x) >= 0`` else signed; the choice is kept in the ``signed`` buffer.
+        per_channel: one step per output channel (dim 0); weights only.
+        grad_scale: apply Eq. 4's ``gs`` (False: ``gs = 1``).
+    """
+
+    def __init__(
+        self,
+        role: Role = "weight",
+        *,
+        bits: int = 4,
+        signed: bool | None = None,
+        per_channel: bool = False,
+        grad_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.role = check_role(role)  # type: ignore[misc]
+        self.bits = check_int("bits", bits, 2, 8)
+        if signed is not None:
+            check_bool("signed", signed)
+        self.per_channel = check_per_channel(per_channel, self.role)
+        self.grad_scale = check_bool("grad_scale", grad_scale)
+        self._sign_from_data = signed is None and self.role == "activation"
+        self.step: nn.Parameter = (
+            nn.parameter.UninitializedParameter() if per_channel else nn.Parameter(torch.ones(()))
+        )
+        self.register_buffer("signed", torch.tensor(signed is not False))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # Python mirror of the buffers: no host sync after the first call
+        self._qn, self._qp = signed_bounds(self.bits, True)
+        self.register_load_state_dict_pre_hook(LSQ._materialize_on_load)
+        self.register_load_state_dict_post_hook(LSQ._reset_after_load)
+
+    # -- initialisation: the only host syncs, once after construction or loading ---------------
+    @torch.no_grad()
+    def _prepare(self, x: Tensor) -> None:
+        """Read the buffers; on first use decide the sign and initialise ``s`` from ``x``."""
+        fresh = not bool(self.initialized)
+        if fresh and self._sign_from_data:
+            self.signed.fill_(bool(x.min() < 0))
+        self._qn, self._qp = signed_bounds(self.bits, bool(self.signed))
+        if fresh:
+            if isinstance(self.step, nn.parameter.UninitializedParameter):
+                self.step.materialize((x.shape[0],), device=x.device, dtype=x.dtype)
+            mean_abs = abs_rows(x, self.per_channel).mean(dim=-1)
+            self.step.copy_(positive(2.0 * mean_abs / math.sqrt(self._qp)))
+            self.initialized.fill_(True)
+        self._ready = True
+
+    @staticmethod
+    def _materialize_on_load(
+        module: LSQ, state_dict: dict[str, Tensor], prefix: str, *_: Any
+    ) -> None:
+        key = prefix + "step"
+        if isinstance(module.step, nn.parameter.UninitializedParameter) and key in state_dict:
+            module.step.materialize(state_dict[key].shape)
+
+    @staticmethod
+    def _reset_after_load(module: LSQ, _incompatible: Any) -> None:
+        module._ready = False
+
+    # -- quantisation ------------------------------------------------------------------------
+    def grad_factor(self, x: Tensor) -> float:
+        """Eq. 4's ``gs = 1 / sqrt(N * QP)`` for input ``x`` (1.0 when ``grad_scale`` is off)."""
+        if not self.grad_scale:
+            return 1.0
+        if self.role == "activation":
+            n = x[0].numel() if x.dim() > 0 else 1
+        else:
+            n = x.numel() // (x.shape[0] if self.per_channel else 1)
+        return 1.0 / math.sqrt(n * self._qp)
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """``s_used``: the positive step with Eq. 4's gradient scale, broadcastable to ``x``."""
+        if not self._ready:
+            self._prepare(x)
+        s = channel_view(positive(self.step), x.dim(), 0 if self.per_channel else None)
+        return scale_grad(s, self.grad_factor(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _LSQFunction.apply(x, self._scale(x), self._qn, self._qp)
+
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes ``clamp(round(x / s), -QN, QP)``; spec ``uniform``, scale ``s``, no zero point.
+
+        Initialises ``s`` from ``x`` first if no forward has done so, as ``forward`` would.
+        """
+        s = self._scale(x)
+        c = uniform_codes(x, 1.0 / s, -self._qn, self._qp)
+        spec = QuantSpec(
+            scheme="uniform",
+            bits=self.bits,
+            qmin=-self._qn,
+            qmax=self._qp,
+            scale=s.reshape(-1) if self.per_channel else s.reshape(()),
+            axis=0 if self.per_channel else None,
+            signed=bool(self.signed),
+        )
+        return c.to(CODE_DTYPE), spec
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

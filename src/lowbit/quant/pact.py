@@ -1,1 +1,111 @@
-"""(being written)"""
+"""PACT: parameterised clipping activation (Choi et al. 2018).
+
+``y = clip(x, 0, alpha)`` with a learned clipping level ``alpha``, then a uniform ``k``-bit grid
+on ``[0, alpha]``: ``yq = round(y * (2^k - 1) / alpha) * alpha / (2^k - 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from .base import Quantizer, QuantSpec
+from .lsq import CODE_DTYPE, check_int, positive, rowwise_dot, uniform_codes
+from .registry import register
+
+
+class _ClippedUniform(torch.autograd.Function):
+    """``round(clip(x, 0, alpha) * n / alpha) * alpha / n`` with PACT's straight-through rule.
+
+    Backward: ``dyq/dx = 1{0 <= x < alpha}`` and ``dyq/dalpha = 1{x >= alpha}`` (PACT Eq. 3:
+    the rounding is passed straight through, so only the clip decides). At ``x = alpha`` the
+    gradient goes to ``alpha``, not to ``x``; at ``x = 0`` it goes to ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, alpha: Tensor, n: int) -> Tensor:
+        ctx.save_for_backward(x, alpha)
+        return uniform_codes(x, n / alpha, 0, n).mul_(alpha / n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, alpha = ctx.saved_tensors
+        above = x >= alpha
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g * ((x >= 0) & ~above).to(g.dtype)
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = rowwise_dot(g, above.to(g.dtype), alpha)
+        return grad_x, grad_alpha, None
+
+
+def clipped_uniform(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """Fake-quantise ``x`` to ``bits`` bits on ``[0, alpha]`` with PACT's gradients."""
+    return _ClippedUniform.apply(x, alpha, 2**bits - 1)
+
+
+def clipped_uniform_codes(x: Tensor, alpha: Tensor, bits: int) -> tuple[Tensor, QuantSpec]:
+    """Codes in ``[0, 2^k - 1]`` and the unsigned ``uniform`` spec of :func:`clipped_uniform`."""
+    n = 2**bits - 1
+    with torch.no_grad():
+        c = uniform_codes(x, n / alpha, 0, n)
+        spec = QuantSpec("uniform", bits, 0, n, scale=(alpha / n).detach(), signed=False)
+    return c.to(CODE_DTYPE), spec
+
+
+@register("pact", roles=("activation",))
+class PACT(Quantizer):
+    """PACT (Choi et al. 2018): ``yq = round(clip(x, 0, a) * (2^k - 1) / a) * a / (2^k - 1)``.
+
+    ``a`` is the learned clipping level ``alpha``.
+
+    ``alpha`` is an ``nn.Parameter`` (per tensor); the value used is ``max(|alpha|, tiny)``.
+    Gradients: ``dyq/dx = 1{0 <= x < alpha}``, ``dyq/dalpha = 1{x >= alpha}`` (see
+    :class:`_ClippedUniform`).
+
+    Args:
+        bits: 1..8.
+        alpha_init: initial clipping level (> 0).
+        alpha_decay: the L2 coefficient ``lambda`` on alpha (>= 0), used by
+            :meth:`regularization`.
+    """
+
+    def __init__(
+        self, *, bits: int = 4, alpha_init: float = 10.0, alpha_decay: float = 2e-4
+    ) -> None:
+        super().__init__()
+        self.bits = check_int("bits", bits, 1, 8)
+        if not _is_real(alpha_init) or not alpha_init > 0:
+            raise ValueError(f"alpha_init must be a finite number > 0, got {alpha_init!r}")
+        if not _is_real(alpha_decay) or not alpha_decay >= 0:
+            raise ValueError(f"alpha_decay must be a finite number >= 0, got {alpha_decay!r}")
+        self.alpha_decay = float(alpha_decay)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return clipped_uniform(x, positive(self.alpha), self.bits)
+
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes ``round(clip(x, 0, alpha) / s)``, unsigned ``uniform``, ``s = alpha / (2^k-1)``."""
+        return clipped_uniform_codes(x, positive(self.alpha), self.bits)
+
+    def regularization(self) -> Tensor:
+        """``alpha_decay / 2 * alpha^2``, the L2 term to add to the loss.
+
+        The lambda is included (so a trainer can sum this over all modules) and halved, so the
+        gradient ``alpha_decay * alpha`` equals plain weight decay ``alpha_decay`` on alpha.
+        """
+        return 0.5 * self.alpha_decay * self.alpha.square()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha_decay={self.alpha_decay}"
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

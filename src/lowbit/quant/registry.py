@@ -16,7 +16,9 @@ ROLES: tuple[Role, ...] = ("weight", "activation")
 _REGISTRY: dict[str, dict[str, type[Quantizer]]] = {}
 
 
-def register(name: str, roles: tuple[Role, ...] = ROLES) -> Callable[[type[Quantizer]], type[Quantizer]]:
+def register(
+    name: str, roles: tuple[Role, ...] = ROLES
+) -> Callable[[type[Quantizer]], type[Quantizer]]:
     """Class decorator: make ``cls`` the quantiser for method ``name`` in each of ``roles``."""
 
     def deco(cls: type[Quantizer]) -> type[Quantizer]:
@@ -63,7 +65,9 @@ def create(name: str, role: Role, **kwargs: Any) -> Quantizer:
     cls = get(name, role)
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    valid = [p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    valid = [
+        p for p in params if p != "self" and params[p].kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     if "role" in valid:
         kwargs = {"role": role, **kwargs}
     unknown = [k for k in kwargs if k not in valid]
@@ -77,5 +81,7 @@ def create(name: str, role: Role, **kwargs: Any) -> Quantizer:
 
 def _lookup(name: str) -> dict[str, type[Quantizer]]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown quantisation method {name!r}; registered: {', '.join(methods())}")
+        raise ValueError(
+            f"unknown quantisation method {name!r}; registered: {', '.join(methods())}"
+        )
     return _REGISTRY[name]

@@ -1,1 +1,107 @@
-"""(being written)"""
+"""Stochastic rounding onto a symmetric uniform grid (survey, Guo 2018; Gupta et al. 2015)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Quantizer, QuantSpec, Role, channel_view
+from .lsq import (
+    CODE_DTYPE,
+    abs_rows,
+    check_int,
+    check_per_channel,
+    check_role,
+    signed_bounds,
+    ste,
+    uniform_codes,
+)
+from .registry import ROLES, register
+
+
+@register("stochastic", roles=ROLES)
+class StochasticRounding(Quantizer):
+    """Stochastic rounding on a symmetric ``bits``-bit grid, weights or activations.
+
+    Scale ``s = max|x| / QP`` (per tensor, or per output channel for weights with
+    ``per_channel``), recomputed every call; grid ``[-QN, QP]`` with ``QN = 2^(b-1)``,
+    ``QP = 2^(b-1) - 1``.
+
+    * training: ``c = floor(x/s) + Bernoulli(x/s - floor(x/s))``, an unbiased rounding
+      (``E[c] = x/s``), clipped to ``[-QN, QP]``; the Bernoulli draws come from a
+      ``torch.Generator`` owned by the module, seeded with ``seed`` and created on the first
+      call on the input's device (created afresh, from ``seed`` again, if the device changes);
+    * evaluation: ``c = round(x/s)`` (half to even), deterministic.
+
+    Output ``s * c``; backward is straight-through (identity to ``x``; ``s`` gets no gradient).
+    :meth:`codes` gives the deterministic (evaluation) codes, so ``spec.dequantize(codes)``
+    equals ``forward`` in eval mode; a training-mode forward is one random draw around them.
+
+    Args:
+        role: ``"weight"`` or ``"activation"``.
+        bits: 2..8.
+        per_channel: one scale per output channel (dim 0); weights only.
+        seed: seed of the module's generator (>= 0).
+    """
+
+    def __init__(
+        self,
+        role: Role = "weight",
+        *,
+        bits: int = 8,
+        per_channel: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.role = check_role(role)  # type: ignore[misc]
+        self.bits = check_int("bits", bits, 2, 8)
+        self.per_channel = check_per_channel(per_channel, self.role)
+        self.seed = check_int("seed", seed, 0, 2**63 - 1)
+        self._qn, self._qp = signed_bounds(bits, True)
+        self._generator: torch.Generator | None = None
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """``s = max|x| / QP`` (at least the dtype's smallest normal): a scalar or ``(C,)``."""
+        amax = abs_rows(x, self.per_channel).amax(dim=-1)
+        return (amax / self._qp).clamp_min_(torch.finfo(x.dtype).tiny)
+
+    def _view(self, s: Tensor, x: Tensor) -> Tensor:
+        return channel_view(s, x.dim(), 0 if self.per_channel else None)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The module's seeded generator on ``device`` (created on first use)."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def _stochastic_codes(self, x: Tensor, inv_step: Tensor) -> Tensor:
+        y = x.detach() * inv_step
+        low = torch.floor(y)
+        u = torch.rand(y.shape, generator=self.generator(y.device), dtype=y.dtype, device=y.device)
+        return low.add_(u < y - low).clamp_(-self._qn, self._qp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self._view(self._scale(x), x)
+        if self.training:
+            c = self._stochastic_codes(x, 1.0 / s)
+        else:
+            c = uniform_codes(x.detach(), 1.0 / s, -self._qn, self._qp)
+        return ste(x, s * c)
+
+    @torch.no_grad()
+    def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Deterministic codes ``round(x / s)`` in ``[-QN, QP]``; spec ``uniform``, scale ``s``."""
+        s = self._scale(x)
+        c = uniform_codes(x, 1.0 / self._view(s, x), -self._qn, self._qp)
+        spec = QuantSpec(
+            "uniform",
+            self.bits,
+            -self._qn,
+            self._qp,
+            scale=s,
+            axis=0 if self.per_channel else None,
+        )
+        return c.to(CODE_DTYPE), spec
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

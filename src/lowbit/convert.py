@@ -1,0 +1,142 @@
+"""``quantize(model, recipe)``: turn an ordinary ``nn.Module`` into its quantisation-aware form.
+
+Every ``nn.Conv2d`` and ``nn.Linear`` is a candidate layer. In module-registration order the
+first candidate is the *first layer* and the last one the *last layer* (the classifier), which
+get the recipe's ``first_layer`` / ``last_layer`` rules; then override patterns (fnmatch globs on
+module names) apply in recipe order. Each layer is swapped for :class:`~lowbit.nn.QuantConv2d` /
+:class:`~lowbit.nn.QuantLinear` (sharing the original Parameters), or, with ``fold_bn``, for a
+:class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm that follows the conv.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .nn import (
+    ConvBnAct,
+    QuantConv2d,
+    QuantLinear,
+    fuse_conv_bn,
+    register_latent_clipping,
+    weight_codes,
+)
+from .quant.base import Quantizer
+from .recipe import ROLE_OF_SIDE, LayerQuant, QuantConfig, Recipe, RecipeError
+
+QUANTIZED_TYPES = (QuantConv2d, QuantLinear, ConvBnAct)
+RecipeLike = Recipe | Mapping[str, Any] | str | Path
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Names of the layers ``quantize`` considers, in module order."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANTIZED_TYPES)
+    ]
+
+
+def resolve_layers(model: nn.Module, recipe: RecipeLike) -> dict[str, LayerQuant | None]:
+    """What each candidate layer of ``model`` gets under ``recipe`` (None: stays float).
+
+    An override pattern that matches no layer is a RecipeError naming it.
+    """
+    recipe = Recipe.load(recipe)
+    names = candidate_layers(model)
+    if not names:
+        raise RecipeError("the model has no nn.Conv2d or nn.Linear layer to quantise")
+    for pattern in recipe.overrides:
+        if not any(_matches(pattern, n) for n in names):
+            raise RecipeError(
+                f"recipe key 'overrides.{pattern}' matches no layer; layers are: {', '.join(names)}"
+            )
+    return {
+        name: recipe.resolve(
+            name,
+            first=i == 0,
+            last=i == len(names) - 1,
+            matched=[p for p in recipe.overrides if _matches(p, name)],
+        )
+        for i, name in enumerate(names)
+    }
+
+
+def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
+    """Quantise ``model`` in place following ``recipe`` and return it.
+
+    ``recipe`` is a :class:`Recipe`, a dict, a YAML/TOML file path or a method name
+    (``"ttq"`` means ``lowbit/recipes/ttq.yaml``). Build the optimizer after this call, or
+    keep the one you have: the float Parameters are shared with the quantised layers, but new
+    quantiser parameters (TTQ's Wp/Wn, LSQ's step, PACT's alpha) only reach an optimizer that
+    is created afterwards.
+    """
+    recipe = Recipe.load(recipe)
+    plan = resolve_layers(model, recipe)
+    if recipe.replace_relu is not None:
+        _replace_relus(model, recipe.replace_relu)
+    if recipe.fold_bn:
+        fused = fuse_conv_bn(
+            model,
+            weight_quant_factory=lambda n: _build(plan.get(n), "weights", n),
+            input_quant_factory=lambda n: _build(plan.get(n), "activations", n),
+        )
+        for name in fused:
+            plan.pop(name, None)
+    for name, layer_quant in plan.items():
+        if layer_quant is None:
+            continue
+        old = model.get_submodule(name)
+        wq = _build(layer_quant, "weights", name)
+        aq = _build(layer_quant, "activations", name)
+        cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
+        _set_submodule(model, name, cls.from_float(old, weight_quant=wq, input_quant=aq))
+    for module in model.modules():
+        weight_codes(module)  # initialise weight-derived quantiser state (TTQ Wp/Wn, LSQ step)
+    register_latent_clipping(model)
+    model.lowbit_recipe = recipe  # read by summary() and export
+    return model
+
+
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantiser module of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def regularization(model: nn.Module) -> Tensor | float:
+    """Sum of the quantisers' own loss terms (PACT's L2 on alpha); add it to the training loss."""
+    return sum(
+        (q.regularization() for q in quantizers(model).values() if hasattr(q, "regularization")),
+        0.0,
+    )
+
+
+def _build(layer_quant: LayerQuant | None, side: str, layer: str) -> Quantizer | None:
+    if layer_quant is None:
+        return None
+    cfg: QuantConfig | None = getattr(layer_quant, side)
+    if cfg is None:
+        return None
+    return cfg.build(ROLE_OF_SIDE[side], f"{side} of layer {layer!r}")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _replace_relus(model: nn.Module, replacement: str) -> None:
+    """Swap nn.ReLU modules: binary activations need signed inputs (sign(relu(x)) is always +1)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    for name in names:
+        new = nn.Identity() if replacement == "identity" else nn.Hardtanh()
+        _set_submodule(model, name, new)

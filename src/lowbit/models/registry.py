@@ -1,0 +1,101 @@
+"""String names for model builders, timm-style: ``register_model``, ``create_model``, ``list_models``.
+
+A builder is any callable ``builder(num_classes, in_shape, **options) -> nn.Module`` (a class or
+a function). ``create_model`` checks the common arguments, refuses options the builder does not
+take, and initialises the weights (:func:`~lowbit.models.layers.init_weights`), optionally from
+its own seeded generator so that the global RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import init_weights
+
+ModelBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelBuilder] = {}
+_COMMON = ("num_classes", "in_shape")
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: make ``builder`` the model called ``name`` (names are unique)."""
+
+    def deco(builder: ModelBuilder) -> ModelBuilder:
+        if name in _REGISTRY and _REGISTRY[name] is not builder:
+            raise ValueError(f"model {name!r} is already registered: {_REGISTRY[name]}")
+        _REGISTRY[name] = builder
+        return builder
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options model ``name`` takes besides ``num_classes`` and ``in_shape``."""
+    params = inspect.signature(_lookup(name)).parameters
+    return [p for p in params if p not in _COMMON]
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_shape: Sequence[int] = (1, 28, 28),
+    *,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build model ``name`` for inputs of shape ``in_shape = (C, H, W)`` and ``num_classes`` outputs.
+
+    ``kwargs`` are the model's own options (see :func:`model_options`); an unknown one is a
+    ValueError listing the valid ones. With ``seed`` the construction runs under a forked global
+    RNG and the weights are drawn from ``torch.Generator().manual_seed(seed)``: the same seed
+    gives the same weights and the caller's RNG stream is not advanced.
+    """
+    builder = _lookup(name)
+    valid = model_options(name)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(valid) or 'none'}"
+        )
+    shape = check_in_shape(in_shape)
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if seed is None:
+        model = builder(num_classes=num_classes, in_shape=shape, **kwargs)
+        init_weights(model)
+        return model
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        model = builder(num_classes=num_classes, in_shape=shape, **kwargs)
+    init_weights(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+def check_in_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
+    """``in_shape`` as a ``(C, H, W)`` tuple of positive ints, else a ValueError naming it."""
+    shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else ()
+    if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
+        raise ValueError(f"in_shape must be (C, H, W) with positive ints, got {in_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _lookup(name: str) -> ModelBuilder:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name]
