@@ -16,8 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.ao.quantization.observer import MinMaxObserver
 
-from lowbit.quant import create
-from lowbit.quant.affine import AffineActivation, AffineWeight, nudge_range
 from lowbit.fixedpoint import (
     INT32_MAX,
     INT32_MIN,
@@ -26,6 +24,8 @@ from lowbit.fixedpoint import (
     rounding_divide_by_pot,
     saturating_rounding_doubling_high_mul,
 )
+from lowbit.quant import create
+from lowbit.quant.affine import AffineActivation, AffineWeight, nudge_range
 
 SETTINGS = settings(max_examples=50, deadline=None)
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)

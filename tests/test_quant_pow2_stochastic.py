@@ -195,3 +195,21 @@ def test_registry() -> None:
     assert isinstance(create("pow2", "weight", bits=5), PowerOfTwo)
     q = create("stochastic", "activation", bits=4)
     assert isinstance(q, StochasticRounding) and q.role == "activation"
+
+
+def test_random_stream_resumes_from_state_dict() -> None:
+    from lowbit.quant.binary import BinaryConnect
+
+    for make in (lambda: StochasticRounding(bits=4, seed=3), lambda: BinaryConnect(seed=3)):
+        x = torch.rand(64, 32) * 2 - 1
+        straight = make()
+        straight(x)
+        expected = straight(x)  # the second draw of an uninterrupted stream
+        first = make()
+        first(x)
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert torch.equal(resumed(x), expected)
+        fresh = make()
+        fresh.load_state_dict(make().state_dict())  # state saved before any draw
+        assert torch.equal(fresh(x), make()(x))

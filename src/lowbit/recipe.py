@@ -153,7 +153,7 @@ class Recipe:
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
         """Load a YAML, TOML or JSON recipe file; an experiment file's ``quant`` section is used."""
-        data = _read_mapping(Path(path))
+        data = read_mapping(Path(path))
         if "quant" in data and isinstance(data["quant"], Mapping):
             data = data["quant"]
         try:
@@ -353,7 +353,7 @@ def _merge_side(current: dict[str, Any] | None, change: Any, key: str) -> dict[s
     return {**current, **change}
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
+def read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     text = path.read_text()

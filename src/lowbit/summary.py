@@ -3,8 +3,7 @@
 Sizes are in bits as the deployment format stores them: quantised weights at their bit width
 plus their scales/zero points in float32; everything else (float layers, biases, BatchNorm) in
 float32. The float32 reference counts every parameter and BatchNorm statistic at 32 bits.
-Files written by ``export``
-are measured in bytes by ``lowbit summary FILE``.
+Files written by ``export`` are measured in bytes by ``lowbit summary FILE``.
 """
 
 from __future__ import annotations

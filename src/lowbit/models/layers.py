@@ -53,7 +53,9 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
     """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            nn.init.kaiming_normal_(
+                m.weight, mode="fan_out", nonlinearity="relu", generator=generator
+            )
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron for small images: ``flatten -> [linear-BN-ReLU] x len(hidden) -> linear``."""
+"""Multi-layer perceptron: ``flatten -> [linear-BN-ReLU] x len(hidden) -> linear``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .registry import register_model
 
 @register_model("mlp")
 class MLP(nn.Module):
-    """Fully-connected network on ``C * H * W`` inputs with hidden widths ``hidden`` (default 256-256)."""
+    """Fully-connected net on ``C * H * W`` inputs, hidden widths ``hidden`` (default 256-256)."""
 
     def __init__(
         self,
@@ -24,10 +24,14 @@ class MLP(nn.Module):
         super().__init__()
         widths = tuple(hidden) if isinstance(hidden, (tuple, list)) else ()
         if not widths or not all(isinstance(h, int) and h > 0 for h in widths):
-            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+            raise ValueError(
+                f"hidden must be a non-empty sequence of positive ints, got {hidden!r}"
+            )
         self.flatten = nn.Flatten()
         sizes = (math.prod(in_shape), *widths)
-        self.hidden = nn.Sequential(*(linear_bn_relu(a, b) for a, b in zip(sizes, widths)))
+        self.hidden = nn.Sequential(
+            *(linear_bn_relu(a, b) for a, b in zip(sizes[:-1], widths, strict=True))
+        )
         self.classifier = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""String names for model builders, timm-style: ``register_model``, ``create_model``, ``list_models``.
+"""Model builders by name, timm-style: ``register_model``, ``create_model``, ``list_models``.
 
 A builder is any callable ``builder(num_classes, in_shape, **options) -> nn.Module`` (a class or
 a function). ``create_model`` checks the common arguments, refuses options the builder does not
@@ -53,7 +53,7 @@ def create_model(
     seed: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model ``name`` for inputs of shape ``in_shape = (C, H, W)`` and ``num_classes`` outputs.
+    """Build model ``name`` for ``(C, H, W) = in_shape`` inputs and ``num_classes`` outputs.
 
     ``kwargs`` are the model's own options (see :func:`model_options`); an unknown one is a
     ValueError listing the valid ones. With ``seed`` the construction runs under a forked global

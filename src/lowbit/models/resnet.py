@@ -20,7 +20,7 @@ STAGE_CHANNELS = (16, 32, 64)
 
 
 class ShortcutA(nn.Module):
-    """He et al. option A shortcut: ``x[:, :, ::s, ::s]`` with ``C_out - C_in`` zero channels appended.
+    """He et al. option A shortcut: ``x[:, :, ::s, ::s]`` plus ``C_out - C_in`` zero channels.
 
     Has no parameters, so it adds nothing to quantise; a module (not inline code) so that the
     block stays ``torch.fx`` traceable and readable.
@@ -45,7 +45,7 @@ class ShortcutA(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`` with two 3x3 convs (He et al., Fig. 2)."""
+    """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``, 3x3 convs (He et al., Fig. 2)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()

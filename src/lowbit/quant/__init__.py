@@ -1,7 +1,7 @@
 """Quantisers, one module per family, registered under string names (see ``registry``)."""
 
-from . import affine, binary, dorefa, lsq, pact, pow2, stochastic, ternary
-from .base import QuantSpec, Quantizer, round_ste, scale_grad
+from . import affine, binary, dorefa, functional, lsq, pact, pow2, stochastic, ternary
+from .base import Quantizer, QuantSpec, scale_grad
 from .registry import create, get, methods, register, roles_of
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "binary",
     "create",
     "dorefa",
+    "functional",
     "get",
     "lsq",
     "methods",
@@ -18,7 +19,6 @@ __all__ = [
     "pow2",
     "register",
     "roles_of",
-    "round_ste",
     "scale_grad",
     "stochastic",
     "ternary",

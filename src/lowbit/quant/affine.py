@@ -17,10 +17,13 @@ integer engine lives in :mod:`lowbit.fixedpoint`.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantSpec, channel_view
+from .functional import abs_rows, check_int, check_real
 from .registry import register
 
 EPS = torch.finfo(torch.float32).eps  # smallest scale, as torch.ao.quantization observers use
@@ -85,13 +88,39 @@ def _codes_of(y: Tensor, spec: QuantSpec) -> Tensor:
     return (torch.round(y.to(s.dtype) / s) + z).clamp(spec.qmin, spec.qmax).to(torch.int32)
 
 
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [2, 8], got {bits!r}")
+class _AffineQuantizer(Quantizer):
+    """What both affine quantisers share: the grid ``[qmin, qmax]``, the scale ``axis`` (None:
+    per tensor), fake quantisation by :func:`fake_quant` and codes read back from its output.
+
+    Subclasses set ``bits``, ``qmin``, ``qmax`` and ``axis`` and say whether the grid is
+    ``signed``.
+    """
+
+    signed: ClassVar[bool]
+    qmin: int
+    qmax: int
+    axis: int | None = None
+
+    def _fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        return fake_quant(x, scale, zero_point, self.qmin, self.qmax, self.axis)
+
+    def _codes(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes of ``x`` under ``(scale, zero_point)`` and their ``affine`` spec."""
+        spec = QuantSpec(
+            scheme="affine",
+            bits=self.bits,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            scale=scale,
+            zero_point=zero_point,
+            axis=self.axis,
+            signed=self.signed,
+        )
+        return _codes_of(self._fake_quant(x.detach(), scale, zero_point), spec), spec
 
 
 @register("affine", roles=("activation",))
-class AffineActivation(Quantizer):
+class AffineActivation(_AffineQuantizer):
     """Asymmetric per-tensor activation quantiser with an EMA range (Jacob et al. 2018).
 
     Grid ``[0, 2^bits - 1]`` (uint8 by default). In training each forward updates
@@ -108,17 +137,14 @@ class AffineActivation(Quantizer):
     (bool), ``steps`` (int64). No host syncs in forward.
     """
 
+    signed = False
+
     def __init__(self, bits: int = 8, ema_decay: float = 0.99, quant_delay: int = 0) -> None:
         super().__init__()
-        _check_bits(bits)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        if not isinstance(quant_delay, int) or quant_delay < 0:
-            raise ValueError(f"quant_delay must be an int >= 0, got {quant_delay!r}")
-        self.bits = bits
+        self.bits = check_int("bits", bits, 2, 8)
         self.qmin, self.qmax = 0, 2**bits - 1
-        self.ema_decay = ema_decay
-        self.quant_delay = quant_delay
+        self.ema_decay = check_real("ema_decay", ema_decay, 0.0, 1.0)
+        self.quant_delay = check_int("quant_delay", quant_delay, 0)
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -146,31 +172,19 @@ class AffineActivation(Quantizer):
             self._observe(x)
         else:
             passthrough = (self.steps < self.quant_delay) | ~self.initialized
-        scale, zero_point = self.qparams()
-        y = fake_quant(x, scale, zero_point, self.qmin, self.qmax, None)
+        y = self._fake_quant(x, *self.qparams())
         return y if passthrough is None else torch.where(passthrough, x, y)
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes of ``x`` under the stored range (the eval-mode forward, ignoring the delay)."""
-        scale, zero_point = self.qparams()
-        spec = QuantSpec(
-            scheme="affine",
-            bits=self.bits,
-            qmin=self.qmin,
-            qmax=self.qmax,
-            scale=scale,
-            zero_point=zero_point,
-            signed=False,
-        )
-        y = fake_quant(x.detach(), scale, zero_point, self.qmin, self.qmax, None)
-        return _codes_of(y, spec), spec
+        return self._codes(x, *self.qparams())
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ema_decay={self.ema_decay}, quant_delay={self.quant_delay}"
 
 
 @register("affine", roles=("weight",))
-class AffineWeight(Quantizer):
+class AffineWeight(_AffineQuantizer):
     """Symmetric signed weight quantiser, per output channel by default (Jacob et al. 2018).
 
     Grid ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (``[-127, 127]`` for 8 bits), ``Z = 0``, and
@@ -179,43 +193,31 @@ class AffineWeight(Quantizer):
     clipping STE, which is the identity here since ``|w| / S <= qmax``.
     """
 
+    signed = True
+
     def __init__(self, bits: int = 8, per_channel: bool = True) -> None:
         super().__init__()
-        _check_bits(bits)
-        self.bits = bits
+        self.bits = check_int("bits", bits, 2, 8)
         self.qmax = 2 ** (bits - 1) - 1
         self.qmin = -self.qmax
         self.per_channel = per_channel
 
     @property
-    def axis(self) -> int | None:
+    def axis(self) -> int | None:  # type: ignore[override]
         return 0 if self.per_channel else None
 
     def qparams(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point)`` for weights ``w``: ``max|w| / qmax`` per channel, ``Z = 0``."""
-        absw = w.detach().abs().to(torch.float32)
-        amax = absw.reshape(w.shape[0], -1).amax(dim=1) if self.per_channel else absw.amax()
+        amax = abs_rows(w, self.per_channel).to(torch.float32).amax(dim=-1)
         scale = (amax / self.qmax).clamp(min=EPS)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
 
     def forward(self, w: Tensor) -> Tensor:
-        scale, zero_point = self.qparams(w)
-        return fake_quant(w, scale, zero_point, self.qmin, self.qmax, self.axis)
+        return self._fake_quant(w, *self.qparams(w))
 
     def codes(self, w: Tensor) -> tuple[Tensor, QuantSpec]:
-        scale, zero_point = self.qparams(w)
-        spec = QuantSpec(
-            scheme="affine",
-            bits=self.bits,
-            qmin=self.qmin,
-            qmax=self.qmax,
-            scale=scale,
-            zero_point=zero_point,
-            axis=self.axis,
-            signed=True,
-        )
-        y = fake_quant(w.detach(), scale, zero_point, self.qmin, self.qmax, self.axis)
-        return _codes_of(y, spec), spec
+        """Codes of ``w`` in ``[-qmax, qmax]``; spec ``affine`` with ``Z = 0``."""
+        return self._codes(w, *self.qparams(w))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"

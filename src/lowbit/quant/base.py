@@ -22,11 +22,6 @@ Scheme = Literal["binary", "ternary", "uniform", "affine", "pow2"]
 SCHEMES: tuple[str, ...] = ("binary", "ternary", "uniform", "affine", "pow2")
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round half to even in forward, identity gradient in backward (straight-through)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def scale_grad(x: Tensor, factor: float) -> Tensor:
     """Identity in forward; multiplies the gradient reaching ``x`` by ``factor`` (LSQ Eq. 4)."""
     scaled = x * factor

@@ -5,19 +5,27 @@ gradient straight through the sign inside the hardtanh range (METHODS.md, "Binar
 
     forward  b = sign(x)                 backward  dx = g * 1{|x| <= 1}
 
-The helpers :func:`sign_levels`, :func:`straight_through` and :func:`binary_spec` are shared with
-:mod:`lowbit.quant.ternary`.
+The STE is :func:`lowbit.quant.functional.straight_through` with the mask :func:`hardtanh_mask`.
+:func:`sign_levels` and :func:`binary_spec` also serve DoReFa's 1-bit weights
+(:mod:`lowbit.quant.dorefa`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .base import Quantizer, QuantSpec, channel_view
-from .registry import ROLES, register
+from .base import Quantizer, QuantSpec, Role, channel_view
+from .functional import (
+    MAX_SEED,
+    SeededRandom,
+    check_bool,
+    check_int,
+    check_role,
+    scalar_like,
+    straight_through,
+)
+from .registry import register
 
 __all__ = [
     "BinaryConnect",
@@ -27,42 +35,23 @@ __all__ = [
     "binary_spec",
     "hardtanh_mask",
     "sign_levels",
-    "straight_through",
 ]
+
+
+def _plus_minus_one(positive: Tensor, like: Tensor) -> Tensor:
+    """``+1`` where ``positive`` holds, else ``-1``, in ``like``'s dtype and on its device."""
+    one = scalar_like(like, 1.0)
+    return torch.where(positive, one, -one)
 
 
 def sign_levels(x: Tensor) -> Tensor:
     """``sign(x)`` with ``sign(0) = +1``, as ``{-1., +1.}`` in ``x``'s dtype (no gradient)."""
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    return torch.where(x.detach() >= 0, one, -one)
+    return _plus_minus_one(x.detach() >= 0, x)
 
 
 def hardtanh_mask(x: Tensor) -> Tensor:
     """``1{|x| <= 1}``: where the hardtanh straight-through estimator lets the gradient pass."""
     return x.detach().abs() <= 1
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward returns the precomputed ``q``; backward passes ``g`` (times ``mask``) to ``x``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, q: Tensor, mask: Tensor | None) -> Tensor:
-        ctx.save_for_backward(mask)
-        return q
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (mask,) = ctx.saved_tensors
-        return (grad if mask is None else grad * mask), None, None
-
-
-def straight_through(x: Tensor, q: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Straight-through estimator (STE): value ``q`` exactly, gradient ``g * mask`` to ``x``.
-
-    ``q`` and ``mask`` are constants (computed without gradient); ``mask=None`` is the identity
-    STE. The forward value is bitwise ``q``, so :meth:`Quantizer.codes` can reproduce it.
-    """
-    return _StraightThrough.apply(x, q.detach(), mask)
 
 
 def binary_spec(scale: Tensor, axis: int | None = None) -> QuantSpec:
@@ -71,12 +60,13 @@ def binary_spec(scale: Tensor, axis: int | None = None) -> QuantSpec:
 
 
 def _sign_codes(x: Tensor) -> Tensor:
+    """int8 codes ``sign(x)`` in ``{-1, +1}`` (``sign(0) = +1``)."""
     return sign_levels(x).to(torch.int8)
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
+def _unscaled_sign_codes(x: Tensor) -> tuple[Tensor, QuantSpec]:
+    """Codes ``sign(x)`` and the ``binary`` spec with scale 1 (BNN, BinaryConnect)."""
+    return _sign_codes(x), binary_spec(scalar_like(x, 1.0))
 
 
 @register("bnn")
@@ -90,11 +80,9 @@ class SignBNN(Quantizer):
 
     latent_range = (-1.0, 1.0)
 
-    def __init__(self, *, role: str = "weight") -> None:
+    def __init__(self, *, role: Role = "weight") -> None:
         super().__init__()
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        self.role = role  # type: ignore[misc]  # instance role of a two-role class
+        self.role = check_role(role)  # type: ignore[misc]  # instance role of a two-role class
         self.bits = 1
 
     def forward(self, x: Tensor) -> Tensor:
@@ -102,7 +90,7 @@ class SignBNN(Quantizer):
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(x)`` in ``{-1, +1}``, scale 1."""
-        return _sign_codes(x), binary_spec(torch.ones((), dtype=x.dtype, device=x.device))
+        return _unscaled_sign_codes(x)
 
     def extra_repr(self) -> str:
         return f"bits=1, role={self.role}"
@@ -154,8 +142,7 @@ class XNORActivation(Quantizer):
 
     def __init__(self, *, per_sample: bool = False) -> None:
         super().__init__()
-        _check_bool("per_sample", per_sample)
-        self.per_sample = per_sample
+        self.per_sample = check_bool("per_sample", per_sample)
         self.bits = 1
 
     def _beta(self, x: Tensor) -> Tensor:
@@ -178,7 +165,7 @@ class XNORActivation(Quantizer):
 
 
 @register("binaryconnect", roles=("weight",))
-class BinaryConnect(Quantizer):
+class BinaryConnect(SeededRandom, Quantizer):
     """Stochastic BinaryConnect (Courbariaux 2015, via the survey).
 
     Training mode: ``wb = +1`` with probability ``p = clip((w + 1) / 2, 0, 1)``, else ``-1``
@@ -194,24 +181,14 @@ class BinaryConnect(Quantizer):
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed, 0, MAX_SEED)
         self.bits = 1
-        self._generator: torch.Generator | None = None
-
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
 
     def _sample(self, w: Tensor) -> Tensor:
+        """``+1`` with probability ``clip((w + 1) / 2, 0, 1)``, else ``-1`` (no gradient)."""
         wd = w.detach()
         p = ((wd + 1) / 2).clamp(0, 1)
-        u = torch.rand(wd.shape, generator=self._rng(wd.device), dtype=wd.dtype, device=wd.device)
-        one = torch.ones((), dtype=wd.dtype, device=wd.device)
-        return torch.where(u < p, one, -one)
+        return _plus_minus_one(self.uniform_like(wd) < p, wd)
 
     def forward(self, x: Tensor) -> Tensor:
         levels = self._sample(x) if self.training else sign_levels(x)
@@ -222,7 +199,7 @@ class BinaryConnect(Quantizer):
 
         They equal :meth:`forward` in eval mode; in training mode forward is a random draw.
         """
-        return _sign_codes(x), binary_spec(torch.ones((), dtype=x.dtype, device=x.device))
+        return _unscaled_sign_codes(x)
 
     def extra_repr(self) -> str:
         return f"bits=1, seed={self.seed}"

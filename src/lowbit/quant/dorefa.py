@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Quantizer, QuantSpec, round_ste
-from .lsq import CODE_DTYPE, check_int, positive, ste
+from .base import Quantizer, QuantSpec
+from .binary import binary_spec, sign_levels
+from .functional import CODE_DTYPE, check_int, positive, scalar_like, straight_through
 from .pact import clipped_uniform, clipped_uniform_codes
 from .registry import register
 
@@ -19,13 +20,14 @@ from .registry import register
 class DoReFaWeight(Quantizer):
     """DoReFa weights (Zhou et al. 2016).
 
-    ``k >= 2``: ``wq = 2 * quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``. Only ``round`` is
-    straight-through; the gradient flows through ``tanh`` and the normalisation, including
-    ``max|tanh(w)|`` (as in the reference implementation). An all-zero layer uses
-    ``max|tanh| = tiny`` (no division by zero); with no zero level it maps to ``+-1/(2^k-1)``.
-    Codes ``i in [0, 2^k - 1]`` with
-    ``wq = scale * (i - zero_point)``, ``scale = 2 / (2^k - 1)``, ``zero_point = (2^k - 1) / 2``
-    (forward computes this product, so it equals ``2 i / (2^k - 1) - 1`` up to one rounding).
+    ``k >= 2``: ``wq = 2 * quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``, computed as
+    ``u = tanh(w) / max|tanh(w)|`` in ``[-1, 1]`` and codes ``i = round((u + 1) (2^k - 1) / 2)``.
+    Only ``round`` is straight-through, so the gradient is that of ``u`` (through ``tanh`` and
+    the normalisation, ``max|tanh(w)|`` included, as in the reference implementation). An
+    all-zero layer uses ``max|tanh| = tiny``; with no zero level it maps to ``+-1/(2^k-1)``.
+    ``wq = scale * (i - zero_point)`` with ``scale = 2 / (2^k - 1)`` and
+    ``zero_point = (2^k - 1) / 2``: forward computes this product, so it equals
+    ``2 i / (2^k - 1) - 1`` up to one rounding.
 
     ``k = 1``: ``wq = sign(w) * mean|w|`` over the whole layer, ``sign(0) = +1``; the gradient
     reaches ``w`` unchanged (pure STE, ``mean|w|`` treated as a constant, as in the paper).
@@ -38,34 +40,40 @@ class DoReFaWeight(Quantizer):
         super().__init__()
         self.bits = check_int("bits", bits, 1, 8)
 
-    def _quantize(self, w: Tensor) -> tuple[Tensor, QuantSpec]:
-        """Float codes (k >= 2: carrying the STE gradient) and the spec they dequantise with."""
+    def _codes(self, v: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Float codes of ``v`` (``w`` at 1 bit, ``u`` at k bits) and their spec; no gradient."""
+        v = v.detach()
         if self.bits == 1:
-            c = torch.where(w.detach() >= 0, 1.0, -1.0).to(w.dtype)
-            return c, QuantSpec("binary", 1, -1, 1, scale=w.detach().abs().mean())
+            return sign_levels(v), binary_spec(v.abs().mean())
         n = 2**self.bits - 1
-        t = torch.tanh(w)
-        r = (t / (2 * positive(t.abs().amax())) + 0.5) * n  # in [0, n] up to an ulp
+        c = ((v + 1) * (n / 2)).round_()  # u in [-1, 1] up to an ulp, so c in [0, n]
         spec = QuantSpec(
             "uniform",
             self.bits,
             0,
             n,
-            scale=torch.full((), 2 / n, dtype=w.dtype, device=w.device),
-            zero_point=torch.full((), n / 2, dtype=w.dtype, device=w.device),
+            scale=scalar_like(v, 2 / n),
+            zero_point=scalar_like(v, n / 2),
             signed=False,
         )
-        return round_ste(r), spec
+        return c, spec
+
+    def _normalised(self, w: Tensor) -> Tensor:
+        """``u = tanh(w) / max|tanh(w)|`` for k >= 2 (with gradient); ``w`` itself at 1 bit."""
+        if self.bits == 1:
+            return w
+        t = torch.tanh(w)
+        return t * (1 / positive(t.abs().amax()))
 
     def forward(self, w: Tensor) -> Tensor:
-        c, spec = self._quantize(w)
-        q = spec.dequantize(c)
-        return ste(w, q) if self.bits == 1 else q
+        u = self._normalised(w)
+        c, spec = self._codes(u)
+        return straight_through(u, spec.dequantize(c))
 
     @torch.no_grad()
     def codes(self, w: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes in ``[0, 2^k - 1]`` (``uniform``, float zero point), or ``{-1, +1}`` at 1 bit."""
-        c, spec = self._quantize(w)
+        c, spec = self._codes(self._normalised(w))
         return c.to(CODE_DTYPE), spec
 
 
@@ -85,11 +93,8 @@ class DoReFaActivation(Quantizer):
         super().__init__()
         self.bits = check_int("bits", bits, 1, 8)
 
-    def _one(self, x: Tensor) -> Tensor:
-        return torch.ones((), dtype=x.dtype, device=x.device)
-
     def forward(self, x: Tensor) -> Tensor:
-        return clipped_uniform(x, self._one(x), self.bits)
+        return clipped_uniform(x, scalar_like(x, 1.0), self.bits)
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
-        return clipped_uniform_codes(x, self._one(x), self.bits)
+        return clipped_uniform_codes(x, scalar_like(x, 1.0), self.bits)

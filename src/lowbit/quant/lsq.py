@@ -1,14 +1,12 @@
-"""Learned Step Size Quantization (Esser et al. 2019) and the uniform-grid helpers it shares.
+"""Learned Step Size Quantization (Esser et al. 2019).
 
 LSQ quantises ``v`` with a learned step ``s``::
 
     v_bar = round(clip(v / s, -QN, QP)),   v_hat = v_bar * s
 
 signed data (weights): ``QN = 2^(b-1)``, ``QP = 2^(b-1) - 1``; unsigned data (post-ReLU
-activations): ``QN = 0``, ``QP = 2^b - 1``.
-
-The helpers at the top (option checks, :func:`ste`, :func:`uniform_codes`, :func:`positive`,
-:func:`signed_bounds`) are used by the other quantisers of this package as well.
+activations): ``QN = 0``, ``QP = 2^b - 1``. The option checks and grid helpers it uses live in
+:mod:`lowbit.quant.functional`.
 """
 
 from __future__ import annotations
@@ -21,93 +19,19 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .base import Quantizer, QuantSpec, Role, channel_view, scale_grad
+from .functional import (
+    abs_rows,
+    check_bool,
+    check_int,
+    check_per_channel,
+    check_role,
+    positive,
+    rowwise_dot,
+    signed_bounds,
+    uniform_codes,
+    uniform_grid_codes,
+)
 from .registry import ROLES, register
-
-CODE_DTYPE = torch.int32
-
-
-# --------------------------------------------------------------------------- option checks
-def check_int(name: str, value: object, low: int, high: int) -> int:
-    """Return ``value`` if it is an ``int`` (not a bool) in ``[low, high]``, else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` if it is a ``bool``, else ValueError naming ``name``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_role(role: object) -> Role:
-    """Return ``role`` if it is ``"weight"`` or ``"activation"``, else ValueError."""
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    return role  # type: ignore[return-value]
-
-
-def check_per_channel(per_channel: object, role: Role) -> bool:
-    """Validate ``per_channel``: a bool, and only for weights (one scale per output channel)."""
-    check_bool("per_channel", per_channel)
-    if per_channel and role != "weight":
-        raise ValueError(f"per_channel=True is only for weights, got role={role!r}")
-    return bool(per_channel)
-
-
-# --------------------------------------------------------------------------- tensor helpers
-def signed_bounds(bits: int, signed: bool) -> tuple[int, int]:
-    """LSQ's ``(QN, QP)``: ``(2^(b-1), 2^(b-1) - 1)`` if ``signed``, else ``(0, 2^b - 1)``."""
-    if signed:
-        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
-
-
-def ste(x: Tensor, q: Tensor) -> Tensor:
-    """Straight-through estimator: value ``q`` exactly, gradient passed to ``x`` unchanged.
-
-    Written as ``q + (x - x.detach())`` so the forward value is bit-exact ``q`` (the usual
-    ``x + (q - x).detach()`` can be off by one ulp).
-    """
-    return q.detach() + (x - x.detach())
-
-
-def uniform_codes(x: Tensor, inv_step: Tensor | float, low: int, high: int) -> Tensor:
-    """Integer-valued float codes ``clamp(round(x * inv_step), low, high)`` (round half to even).
-
-    Clamping after rounding equals rounding after clipping for integer bounds and costs one
-    pass less. Every uniform quantiser computes its codes here, so ``forward`` and ``codes``
-    agree bit for bit.
-    """
-    return (x * inv_step).round_().clamp_(low, high)
-
-
-def rowwise_dot(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
-    """``sum(a * b)`` reduced to the shape of ``like``: a scalar, or one value per row of dim 0.
-
-    The gradient of a per-tensor or per-output-channel scale, in one fused multiply-reduce.
-    """
-    k = like.numel()
-    return torch.einsum("ki,ki->k", a.reshape(k, -1), b.reshape(k, -1)).reshape(like.shape)
-
-
-def positive(t: Tensor) -> Tensor:
-    """``max(|t|, tiny)``: a learned scale kept strictly positive without touching ``.data``.
-
-    ``abs`` lets a step that an update pushed below zero keep learning (as ``|s|``); the floor at
-    the dtype's smallest normal number keeps ``1 / s`` finite.
-    """
-    return t.abs().clamp_min(torch.finfo(t.dtype).tiny)
-
-
-def abs_rows(x: Tensor, per_channel: bool) -> Tensor:
-    """``|x|`` flattened to one row per output channel (dim 0), or to one row for the tensor.
-
-    Reduce with ``dim=-1`` to get a per-channel vector or a per-tensor scalar statistic.
-    """
-    a = x.detach().abs()
-    return a.reshape(x.shape[0], -1) if per_channel else a.reshape(-1)
 
 
 # --------------------------------------------------------------------------- LSQ autograd
@@ -232,7 +156,10 @@ class LSQ(Quantizer):
 
     # -- quantisation ------------------------------------------------------------------------
     def grad_factor(self, x: Tensor) -> float:
-        """Eq. 4's ``gs = 1 / sqrt(N * QP)`` for input ``x`` (1.0 when ``grad_scale`` is off)."""
+        """Eq. 4's ``gs = 1 / sqrt(N * QP)`` for input ``x`` (1.0 when ``grad_scale`` is off).
+
+        ``QP`` is the one of the current sign, which an activation decides on its first call.
+        """
         if not self.grad_scale:
             return 1.0
         if self.role == "activation":
@@ -257,18 +184,8 @@ class LSQ(Quantizer):
 
         Initialises ``s`` from ``x`` first if no forward has done so, as ``forward`` would.
         """
-        s = self._scale(x)
-        c = uniform_codes(x, 1.0 / s, -self._qn, self._qp)
-        spec = QuantSpec(
-            scheme="uniform",
-            bits=self.bits,
-            qmin=-self._qn,
-            qmax=self._qp,
-            scale=s.reshape(-1) if self.per_channel else s.reshape(()),
-            axis=0 if self.per_channel else None,
-            signed=bool(self.signed),
-        )
-        return c.to(CODE_DTYPE), spec
+        s, signed = self._scale(x), bool(self.signed)
+        return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel, signed)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

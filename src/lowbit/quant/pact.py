@@ -6,7 +6,6 @@ on ``[0, alpha]``: ``yq = round(y * (2^k - 1) / alpha) * alpha / (2^k - 1)``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -14,14 +13,14 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .base import Quantizer, QuantSpec
-from .lsq import CODE_DTYPE, check_int, positive, rowwise_dot, uniform_codes
+from .functional import CODE_DTYPE, check_int, check_real, positive, rowwise_dot, uniform_codes
 from .registry import register
 
 
 class _ClippedUniform(torch.autograd.Function):
     """``round(clip(x, 0, alpha) * n / alpha) * alpha / n`` with PACT's straight-through rule.
 
-    Backward: ``dyq/dx = 1{0 <= x < alpha}`` and ``dyq/dalpha = 1{x >= alpha}`` (PACT Eq. 3:
+    Backward: ``dyq/dx = 1{0 <= x < alpha}`` and ``dyq/dalpha = 1{x >= alpha}`` (PACT's rule:
     the rounding is passed straight through, so only the clip decides). At ``x = alpha`` the
     gradient goes to ``alpha``, not to ``x``; at ``x = 0`` it goes to ``x``.
     """
@@ -81,12 +80,9 @@ class PACT(Quantizer):
     ) -> None:
         super().__init__()
         self.bits = check_int("bits", bits, 1, 8)
-        if not _is_real(alpha_init) or not alpha_init > 0:
-            raise ValueError(f"alpha_init must be a finite number > 0, got {alpha_init!r}")
-        if not _is_real(alpha_decay) or not alpha_decay >= 0:
-            raise ValueError(f"alpha_decay must be a finite number >= 0, got {alpha_decay!r}")
-        self.alpha_decay = float(alpha_decay)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        alpha_init = check_real("alpha_init", alpha_init, 0.0, low_open=True)
+        self.alpha_decay = check_real("alpha_decay", alpha_decay, 0.0)
+        self.alpha = nn.Parameter(torch.tensor(alpha_init))
 
     def forward(self, x: Tensor) -> Tensor:
         return clipped_uniform(x, positive(self.alpha), self.bits)
@@ -105,7 +101,3 @@ class PACT(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha_decay={self.alpha_decay}"
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantSpec
-from .lsq import CODE_DTYPE, check_int, positive, ste
+from .functional import CODE_DTYPE, check_choice, check_int, positive, straight_through
 from .registry import register
 
 ZERO_BELOW = ("level", "half")
@@ -39,9 +39,7 @@ class PowerOfTwo(Quantizer):
     def __init__(self, *, bits: int = 4, zero_below: str = "level") -> None:
         super().__init__()
         self.bits = check_int("bits", bits, 2, 8)
-        if zero_below not in ZERO_BELOW:
-            raise ValueError(f"zero_below must be one of {ZERO_BELOW}, got {zero_below!r}")
-        self.zero_below = zero_below
+        self.zero_below = check_choice("zero_below", zero_below, ZERO_BELOW)
         self.levels = 2 ** (bits - 1) - 1
 
     def _quantize(self, w: Tensor) -> tuple[Tensor, QuantSpec]:
@@ -57,7 +55,7 @@ class PowerOfTwo(Quantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         c, spec = self._quantize(w)
-        return ste(w, spec.dequantize(c))
+        return straight_through(w, spec.dequantize(c))
 
     @torch.no_grad()
     def codes(self, w: Tensor) -> tuple[Tensor, QuantSpec]:

@@ -6,21 +6,23 @@ import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantSpec, Role, channel_view
-from .lsq import (
-    CODE_DTYPE,
+from .functional import (
+    MAX_SEED,
+    SeededRandom,
     abs_rows,
     check_int,
     check_per_channel,
     check_role,
     signed_bounds,
-    ste,
+    straight_through,
     uniform_codes,
+    uniform_grid_codes,
 )
 from .registry import ROLES, register
 
 
 @register("stochastic", roles=ROLES)
-class StochasticRounding(Quantizer):
+class StochasticRounding(SeededRandom, Quantizer):
     """Stochastic rounding on a symmetric ``bits``-bit grid, weights or activations.
 
     Scale ``s = max|x| / QP`` (per tensor, or per output channel for weights with
@@ -56,52 +58,36 @@ class StochasticRounding(Quantizer):
         self.role = check_role(role)  # type: ignore[misc]
         self.bits = check_int("bits", bits, 2, 8)
         self.per_channel = check_per_channel(per_channel, self.role)
-        self.seed = check_int("seed", seed, 0, 2**63 - 1)
+        self.seed = check_int("seed", seed, 0, MAX_SEED)
         self._qn, self._qp = signed_bounds(bits, True)
-        self._generator: torch.Generator | None = None
 
     def _scale(self, x: Tensor) -> Tensor:
         """``s = max|x| / QP`` (at least the dtype's smallest normal): a scalar or ``(C,)``."""
         amax = abs_rows(x, self.per_channel).amax(dim=-1)
         return (amax / self._qp).clamp_min_(torch.finfo(x.dtype).tiny)
 
-    def _view(self, s: Tensor, x: Tensor) -> Tensor:
-        return channel_view(s, x.dim(), 0 if self.per_channel else None)
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The module's seeded generator on ``device`` (created on first use)."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
-
     def _stochastic_codes(self, x: Tensor, inv_step: Tensor) -> Tensor:
+        """``floor(y + u)``, ``u ~ U[0, 1)``: equals ``floor(y) + Bernoulli(y - floor(y))``.
+
+        (``floor(y + u) = floor(y) + 1`` exactly when ``u >= 1 - frac(y)``, probability
+        ``frac(y)``); one pass fewer than drawing the Bernoulli variable separately.
+        """
         y = x.detach() * inv_step
-        low = torch.floor(y)
-        u = torch.rand(y.shape, generator=self.generator(y.device), dtype=y.dtype, device=y.device)
-        return low.add_(u < y - low).clamp_(-self._qn, self._qp)
+        return y.add_(self.uniform_like(y)).floor_().clamp_(-self._qn, self._qp)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self._view(self._scale(x), x)
+        s = channel_view(self._scale(x), x.dim(), 0 if self.per_channel else None)
         if self.training:
             c = self._stochastic_codes(x, 1.0 / s)
         else:
             c = uniform_codes(x.detach(), 1.0 / s, -self._qn, self._qp)
-        return ste(x, s * c)
+        return straight_through(x, s * c)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Deterministic codes ``round(x / s)`` in ``[-QN, QP]``; spec ``uniform``, scale ``s``."""
         s = self._scale(x)
-        c = uniform_codes(x, 1.0 / self._view(s, x), -self._qn, self._qp)
-        spec = QuantSpec(
-            "uniform",
-            self.bits,
-            -self._qn,
-            self._qp,
-            scale=s,
-            axis=0 if self.per_channel else None,
-        )
-        return c.to(CODE_DTYPE), spec
+        return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

@@ -6,14 +6,13 @@ Both map a layer's latent weights to codes ``{-1, 0, +1}``: TWN with one symmetr
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, QuantSpec
-from .binary import straight_through
+from .functional import check_real, straight_through
 from .registry import register
 
 __all__ = ["MIN_SCALE", "TernaryTTQ", "TernaryTWN", "ternary_spec"]
@@ -34,15 +33,6 @@ def _ternary_codes(pos: Tensor, neg: Tensor) -> Tensor:
     return pos.to(torch.int8) - neg.to(torch.int8)
 
 
-def _check_factor(name: str, value: object, upper: float) -> float:
-    """A finite float in ``[0, upper)``, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a float, got {value!r}")
-    if not (math.isfinite(value) and 0 <= value < upper):
-        raise ValueError(f"{name} must be in [0, {upper}), got {value!r}")
-    return float(value)
-
-
 @register("twn", roles=("weight",))
 class TernaryTWN(Quantizer):
     """Ternary Weight Networks (Li 2016), one scale per layer.
@@ -55,7 +45,7 @@ class TernaryTWN(Quantizer):
 
     def __init__(self, *, delta_factor: float = 0.7) -> None:
         super().__init__()
-        self.delta_factor = _check_factor("delta_factor", delta_factor, math.inf)
+        self.delta_factor = check_real("delta_factor", delta_factor, 0.0)
         self.bits = 2
 
     def _ternarize(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,7 +85,7 @@ def _ttq_regions(w: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, T
     return wn, wn > delta, wn < -delta, m
 
 
-def _positive(scale: Tensor, dtype: torch.dtype) -> Tensor:
+def _clamped_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
     """The value of a TTQ scale as used in forward: ``max(scale, MIN_SCALE)`` in ``dtype``."""
     return scale.detach().clamp_min(MIN_SCALE).to(dtype)
 
@@ -106,7 +96,7 @@ class _TTQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, wp: Tensor, wn: Tensor, threshold: float) -> Tensor:
         _, pos, neg, m = _ttq_regions(w, threshold)
-        vp, vn = _positive(wp, w.dtype), _positive(wn, w.dtype)
+        vp, vn = _clamped_scale(wp, w.dtype), _clamped_scale(wn, w.dtype)
         ctx.save_for_backward(pos, neg, vp, vn, m)
         ctx.scale_dtypes = (wp.dtype, wn.dtype)
         return torch.where(pos, vp, torch.where(neg, -vn, torch.zeros_like(w)))
@@ -149,7 +139,7 @@ class TernaryTTQ(Quantizer):
 
     def __init__(self, *, threshold: float = 0.05) -> None:
         super().__init__()
-        self.threshold = _check_factor("threshold", threshold, 1.0)
+        self.threshold = check_real("threshold", threshold, 0.0, 1.0)
         self.bits = 2
         self.wp = nn.Parameter(torch.ones(()))
         self.wn = nn.Parameter(torch.ones(()))
@@ -181,7 +171,7 @@ class TernaryTTQ(Quantizer):
         """
         self._ensure_init(x)
         _, pos, neg, _ = _ttq_regions(x, self.threshold)
-        spec = ternary_spec(_positive(self.wp, x.dtype), _positive(self.wn, x.dtype))
+        spec = ternary_spec(_clamped_scale(self.wp, x.dtype), _clamped_scale(self.wn, x.dtype))
         return _ternary_codes(pos, neg), spec
 
     def sparsity(self, w: Tensor) -> float:

@@ -271,7 +271,14 @@ def capture_training_state(
     values), the optimizer's hyper-parameters, the scheduler and grad-scaler states and the
     numpy/``random`` states.
     """
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if not isinstance(v, Tensor):  # e.g. a module's get_extra_state() returning a dict
+            raise TypeError(
+                f"model state entry {k!r} is a {type(v).__name__}, not a tensor; checkpoints hold "
+                "tensors only (a module's get_extra_state() should return a tensor)"
+            )
+        tensors[f"model/{k}"] = v
     meta = dict(counters)
     meta["optimizer"] = optimizer_to_flat(optimizer.state_dict(), tensors)
     meta["scheduler"] = split_tensors(scheduler.state_dict(), "scheduler", tensors)

@@ -8,6 +8,7 @@ value, so a typo in a config file is caught before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -84,7 +85,7 @@ def _milestones(key: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
         raise _fail(key, value, "a list of increasing epoch numbers")
     items = tuple(_integer(1)(key, v) for v in value)
-    if any(b <= a for a, b in zip(items, items[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(items)):
         raise _fail(key, value, "a strictly increasing list of epoch numbers")
     return items
 
@@ -177,7 +178,7 @@ class TrainConfig:
             raise ValueError(f"{prefix}.amp is CUDA-only, but {prefix}.device is 'cpu'")
 
     @classmethod
-    def keys(cls) -> tuple[str, ...]:
+    def valid_keys(cls) -> tuple[str, ...]:
         """The valid configuration keys."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
@@ -186,12 +187,10 @@ class TrainConfig:
         """Build from a mapping; errors name ``<prefix>.<key>``. Missing keys take defaults."""
         if not isinstance(d, Mapping):
             raise ValueError(f"{prefix} must be a mapping, got {d!r}")
-        valid = cls.keys()
+        valid = cls.valid_keys()
         for key in d:
             if key not in valid:
-                raise ValueError(
-                    f"unknown key {prefix}.{key}; valid keys: {', '.join(valid)}"
-                )
+                raise ValueError(f"unknown key {prefix}.{key}; valid keys: {', '.join(valid)}")
         return cls(**d, prefix=prefix)
 
     def to_dict(self) -> dict[str, Any]:

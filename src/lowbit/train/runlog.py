@@ -42,7 +42,7 @@ def quantizer_scalars(model: nn.Module) -> dict[str, float]:
     """Every initialised 0-d parameter or buffer named like a quantiser scale, by full name."""
     found = chain(model.named_parameters(), model.named_buffers())
     return {
-        name: float(t)
+        name: float(t.detach())
         for name, t in found
         if is_quantizer_scale(name, t)
         and not isinstance(t, nn.parameter.UninitializedTensorMixin)

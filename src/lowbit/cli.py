@@ -1,0 +1,176 @@
+"""The ``lowbit`` command: a thin layer over the library.
+
+    lowbit train [EXPERIMENT] [--run-dir DIR] [--set key=value ...]   train (FP, then QAT)
+    lowbit train --resume RUN                                         continue a killed run
+    lowbit eval RUN [--split test]                                    accuracy of a run's model
+    lowbit summary RUN                                                per-layer bits, sparsity, size
+    lowbit compare RUN [RUN ...]                                      table across runs
+    lowbit methods                                                    registered quantisers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _set_override(config: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested mapping."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    parts = key.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if isinstance(child, str):  # "model: lenet5" shorthand
+            child = node[part] = {"name": child}
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.experiment import Experiment, run_experiment
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        source: Any = run_dir / "experiment.yaml"
+        if not Path(source).is_file():
+            raise ValueError(f"--resume {run_dir}: not a lowbit run folder (no experiment.yaml)")
+    else:
+        source = args.experiment
+    exp = Experiment.load(source)
+    if args.set:
+        raw = exp.to_dict()
+        for assignment in args.set:
+            _set_override(raw, assignment)
+        exp = Experiment.from_dict(raw)
+    if not args.resume:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{exp.name}-{stamp}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(f"run folder {run_dir} already exists; use --resume {run_dir} "
+                             f"to continue it or choose another --run-dir")
+    console.print(f"run folder: [bold]{run_dir}[/]")
+    run_experiment(exp, run_dir, resume=bool(args.resume), console=console)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from .train.experiment import load_data, load_run
+    from .train.trainer import evaluate
+
+    exp, model, _ = load_run(Path(args.run))
+    data = load_data(exp, exp.train.seed)
+    loader = DataLoader(getattr(data, args.split), batch_size=args.batch_size)
+    metrics = evaluate(model, loader)
+    table = Table(title=f"{args.run}: {args.split} split")
+    table.add_column("loss", justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_row(f"{metrics['loss']:.4f}", f"{metrics['acc']:.2%}")
+    console.print(table)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .summary import summary
+    from .train.experiment import load_run
+
+    _, model, _ = load_run(Path(args.target))
+    summary(model, console=console)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.experiment import results_table
+
+    rows = []
+    for run in args.runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"{run}: no results.json (unfinished or not a lowbit run)")
+        rows.append(json.loads(path.read_text()))
+    console.print(results_table(rows))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .quant import registry
+    from .recipe import default_recipe_dict
+
+    table = Table(title="lowbit quantisation methods")
+    for col in ("method", "quantises", "default recipe"):
+        table.add_column(col)
+    for name in registry.methods():
+        table.add_row(name, ", ".join(registry.roles_of(name)),
+                      default_recipe_dict(name).get("description", ""))
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an experiment (default: TTQ on embedded MNIST)")
+    p.add_argument("experiment", nargs="?", default=None,
+                   help="experiment YAML/TOML file or packaged name (default: mnist5k-ttq)")
+    p.add_argument("--run-dir", help="output folder (default: runs/<name>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key, e.g. --set train.epochs=2 --set train.device=cuda")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's final model")
+    p.add_argument("run")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("summary", help="per-layer bits, sparsity and size of a run's model")
+    p.add_argument("target", help="a run folder")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("compare", help="accuracy / bits / size across runs")
+    p.add_argument("runs", nargs="+")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("methods", help="list the registered quantisation methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/] (resume with lowbit train --resume RUN)")
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

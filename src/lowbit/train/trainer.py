@@ -1,0 +1,405 @@
+"""The training loop: any ``nn.Module`` (float or quantised) on any map-style dataset.
+
+One :class:`Trainer` owns the model, optimizer, per-step LR schedule, logs and checkpoints of a
+run directory::
+
+    run_dir/
+      checkpoints/last.{safetensors,json}   every ``checkpoint_every`` epochs (and the last)
+      checkpoints/best.{safetensors,json}   whenever the validation accuracy improves
+      metrics.csv  scalars.jsonl  tb/  metrics.json      (see :mod:`lowbit.train.runlog`)
+
+Reproducibility: ``fit()`` seeds torch, numpy and ``random`` from ``config.seed``; epoch ``e``
+draws its data order from a generator seeded by ``(seed, e)`` alone, and datasets with
+``set_epoch(e)`` are told the epoch first. A checkpoint holds every RNG state, so
+``fit(resume=True)`` after an interruption ends (on CPU) with bitwise the same weights as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import (
+    capture_training_state,
+    load_checkpoint,
+    meta_path,
+    restore_training_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .distributed import is_main_process
+from .optim import build_optimizer, build_scheduler, regularizers
+from .runlog import RunLog, quantizer_scalars
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; no checkpoint of that state was written."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global torch (CPU and CUDA), numpy and ``random`` generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 64-bit seed that depends on ``(seed, epoch)`` only (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+
+
+def _batch_stats(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> list[float]:
+    """``[loss, total, #correct]`` in one host transfer.
+
+    ``#correct`` counts ``argmax(out) == y`` for class logits ``[N, C]`` and integer targets
+    ``[N]``; for any other output it is NaN (accuracy is then reported as NaN).
+    """
+    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        correct = (out.argmax(dim=1) == y).sum().to(torch.float64)
+    else:
+        correct = torch.tensor(math.nan, dtype=torch.float64, device=out.device)
+    values = (loss.detach().to(torch.float64), total.detach().to(torch.float64), correct)
+    return torch.stack(values).tolist()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` over ``loader`` (eval mode, ``no_grad``; the mode is
+    restored after). ``loss_fn`` defaults to cross-entropy."""
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                out = model(x)
+                loss = loss_fn(out, y)
+                value, _, right = _batch_stats(out, y, loss, loss)
+                loss_sum += value * len(y)
+                correct += right
+                n += len(y)
+    finally:
+        model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set``, validating on ``val_set``; see the module docstring.
+
+    Args:
+        model: any module; moved to the configured device. Quantised models work unchanged:
+            scale parameters get no weight decay (:mod:`lowbit.train.optim`) and modules'
+            ``regularization()`` terms are added to the loss.
+        train_set, val_set: map-style datasets of ``(input, target)`` pairs.
+        config: a :class:`TrainConfig`, or a mapping for :meth:`TrainConfig.from_dict`.
+        run_dir: where checkpoints and logs go.
+        test_set: evaluated once at the end (final weights) when given.
+        loss_fn: ``loss_fn(output, target)``, a batch mean; default cross-entropy.
+        console: a ``rich`` console for the progress bar and per-epoch lines (default stderr).
+            The bar is shown only on a terminal; the per-epoch line always.
+        callbacks: objects with an optional ``on_epoch_end(trainer, epoch, metrics)``, called
+            after the epoch's checkpoint is written.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        config: TrainConfig | Mapping[str, Any],
+        run_dir: Path,
+        *,
+        test_set: Dataset | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        console: Console | None = None,
+        callbacks: Iterable[Any] = (),
+    ) -> None:
+        if len(train_set) == 0:  # type: ignore[arg-type]
+            raise ValueError("train_set is empty")
+        if not isinstance(config, TrainConfig):
+            config = TrainConfig.from_dict(config)
+        self.config = config
+        self.device = config.resolve_device()
+        self.model = model.to(self.device)
+        self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
+        self.run_dir = Path(run_dir)
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.console = console if console is not None else Console(stderr=True)
+        self.callbacks = tuple(callbacks)
+        self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)  # type: ignore[arg-type]
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
+        self._regularizers = regularizers(self.model)
+        self.epoch = 0  # completed epochs
+        self.global_step = 0  # optimizer steps taken
+        self.best_val_acc: float | None = None
+        self.best_epoch: int | None = None
+        self._train_time_s = 0.0  # time inside training loops, all sessions
+        self._wall_time_s = 0.0  # wall time of earlier sessions (resume)
+        self._last_val: dict[str, float] | None = None
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train up to ``config.epochs`` and return the summary also written to metrics.json.
+
+        ``resume=True`` continues from ``checkpoints/last`` (FileNotFoundError if there is none).
+        Raises :class:`TrainingDiverged` on a NaN/Inf loss, leaving the last checkpoint intact.
+        """
+        session_start = time.perf_counter()
+        if resume:
+            self._resume()
+        else:
+            seed_everything(self.config.seed)
+        log = RunLog(self.run_dir, self.epoch, enabled=is_main_process())
+        try:
+            for epoch in range(self.epoch + 1, self.config.epochs + 1):
+                self._run_epoch(epoch, log, session_start)
+            summary = self._summary(time.perf_counter() - session_start)
+            log.write_summary(summary)
+        finally:
+            log.close()
+        return summary
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        """Mean loss and accuracy on ``dataset`` (eval mode, ``no_grad``; mode restored after)."""
+        loader = self._loader(dataset, shuffle=False, seed=self.config.seed)
+        with self._autocast():
+            return evaluate(self.model, loader, self.loss_fn, self.device)
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def _run_epoch(self, epoch: int, log: RunLog, session_start: float) -> None:
+        """Train, maybe evaluate, log, checkpoint, call back."""
+        cfg = self.config
+        start = time.perf_counter()
+        train = self._train_epoch(epoch)
+        val = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            val = self._last_val = self.evaluate(self.val_set)
+        improved = val is not None and math.isfinite(val["acc"])
+        improved = improved and (self.best_val_acc is None or val["acc"] > self.best_val_acc)
+        if improved:
+            self.best_val_acc, self.best_epoch = val["acc"], epoch
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "val_loss": None if val is None else val["loss"],
+            "val_acc": None if val is None else val["acc"],
+            "lr": train["lr"],
+            "epoch_time_s": time.perf_counter() - start,
+            "step_time_ms": train["step_time_ms"],
+        }
+        log.log_epoch(metrics, quantizer_scalars(self.model))
+        self.epoch = epoch
+        wall = self._wall_time_s + time.perf_counter() - session_start
+        if improved:
+            self._save("best", wall)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            self._save("last", wall)
+        self._print_epoch(metrics)
+        for callback in self.callbacks:
+            hook = getattr(callback, "on_epoch_end", None)
+            if hook is not None:
+                hook(self, epoch, metrics)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        if callable(getattr(self.train_set, "set_epoch", None)):
+            self.train_set.set_epoch(epoch)  # type: ignore[attr-defined]
+        seed = epoch_seed(self.config.seed, epoch)
+        loader = self._loader(self.train_set, shuffle=True, seed=seed)
+        loss_sum, correct, n, lr = 0.0, 0.0, 0, math.nan
+        start = time.perf_counter()
+        with self._progress(epoch) as progress:
+            task = progress.add_task("train", total=len(loader), loss=math.nan, acc=math.nan, lr=0)
+            for step, (x, y) in enumerate(loader, 1):
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, right = self._train_step(x, y, epoch, step)
+                loss_sum, correct, n = loss_sum + loss * len(y), correct + right, n + len(y)
+                progress.update(task, advance=1, loss=loss_sum / n, acc=correct / n, lr=lr)
+        elapsed = time.perf_counter() - start
+        self._train_time_s += elapsed
+        step_ms = 1e3 * elapsed / len(loader)
+        return {"loss": loss_sum / n, "acc": correct / n, "lr": lr, "step_time_ms": step_ms}
+
+    def _train_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[float, float]:
+        """Forward, NaN check, backward, clipping, optimizer and LR step; ``(loss, #correct)``."""
+        x, y = self._to_device(x, y)
+        with self._autocast():
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            total = loss + sum(r() for r in self._regularizers)
+        loss_value, total_value, right = _batch_stats(out, y, loss, total)
+        if not math.isfinite(total_value):
+            raise TrainingDiverged(
+                f"training diverged: loss is {total_value} at epoch {epoch}, step {step} of "
+                f"{self.steps_per_epoch} (global step {self.global_step + 1}); the last good "
+                f"checkpoint is kept in {self.checkpoint_dir}",
+                epoch,
+                step,
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            total.backward()
+            self._clip_gradients()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._clip_gradients()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.global_step += 1
+        return loss_value, right
+
+    def _clip_gradients(self) -> None:
+        if self.config.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _save(self, name: str, wall_time_s: float) -> None:
+        """Write ``checkpoints/<name>`` (main process only)."""
+        if not is_main_process():
+            return
+        tensors, meta = capture_training_state(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            epoch=self.epoch,
+            global_step=self.global_step,
+            best_val_acc=self.best_val_acc,
+            best_epoch=self.best_epoch,
+            train_time_s=self._train_time_s,
+            wall_time_s=wall_time_s,
+            config=self.config.to_dict(),
+        )
+        save_checkpoint(self.checkpoint_dir / name, tensors, meta)
+
+    def _resume(self) -> None:
+        path = self.checkpoint_dir / "last"
+        if not meta_path(path).exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {meta_path(path)}")
+        tensors, meta = load_checkpoint(path)
+        counters = restore_training_state(
+            tensors, meta, self.model, self.optimizer, self.scheduler, self.scaler
+        )
+        self.epoch = counters["epoch"]
+        self.global_step = counters["global_step"]
+        self.best_val_acc = counters["best_val_acc"]
+        self.best_epoch = counters["best_epoch"]
+        self._train_time_s = counters["train_time_s"]
+        self._wall_time_s = counters["wall_time_s"]
+        changed = _changed_keys(counters["config"], self.config.to_dict())
+        if changed:
+            self.console.print(
+                f"[yellow]warning:[/] resuming {path} with a different config ({changed}); "
+                "the result will differ from an uninterrupted run"
+            )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _summary(self, session_s: float) -> dict[str, Any]:
+        val = self._last_val if self._last_val is not None else self.evaluate(self.val_set)
+        summary: dict[str, Any] = {
+            "epochs": self.epoch,
+            "global_steps": self.global_step,
+            "final_val_loss": val["loss"],
+            "final_val_acc": val["acc"],
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "wall_time_s": self._wall_time_s + session_s,
+            "mean_step_time_ms": 1e3 * self._train_time_s / max(self.global_step, 1),
+        }
+        if self.test_set is not None:
+            test = self.evaluate(self.test_set)
+            summary["test_loss"], summary["test_acc"] = test["loss"], test["acc"]
+        return summary
+
+    def _loader(self, dataset: Dataset, *, shuffle: bool, seed: int) -> DataLoader:
+        """A DataLoader whose order and worker seeds come from its own generator only."""
+        return DataLoader(
+            dataset,
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """float16 autocast on CUDA when ``config.amp``; otherwise nothing."""
+        if not self.config.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+
+    def _progress(self, epoch: int) -> Progress:
+        """A per-epoch bar (loss, running accuracy, lr); silent off a terminal or off rank 0."""
+        return Progress(
+            TextColumn(f"epoch {epoch}/{self.config.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
+            TextColumn("lr {task.fields[lr]:.3g}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not (self.console.is_terminal and is_main_process()),
+        )
+
+    def _print_epoch(self, m: Mapping[str, Any]) -> None:
+        """One line per epoch, also in CI logs."""
+        if not is_main_process():
+            return
+        val = ""
+        if m["val_acc"] is not None:
+            val = f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
+        self.console.print(
+            f"epoch {m['epoch']}/{self.config.epochs}  train loss {m['train_loss']:.4f} "
+            f"acc {m['train_acc']:.4f}{val}  lr {m['lr']:.3g}  {m['epoch_time_s']:.1f}s",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Config keys whose values differ between a checkpoint and the current run."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
