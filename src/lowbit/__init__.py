@@ -6,20 +6,37 @@ The public API::
     model = lowbit.quantize(model, "ttq")      # or a dict, a YAML/TOML path, a Recipe
     lowbit.summary(model)                       # per-layer bits, sparsity, size vs float32
     lowbit.methods()                            # registered quantiser names
+
+Names are imported on first use, so ``import lowbit.runtime`` (numpy only) does not pull in
+torch and the training code.
 """
 
-from .convert import quantize, quantizers, regularization
-from .quant import methods
-from .recipe import Recipe, RecipeError
-from .summary import summary
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "Recipe",
-    "RecipeError",
-    "methods",
-    "quantize",
-    "quantizers",
-    "regularization",
-    "summary",
-]
+
+_EXPORTS = {
+    "quantize": "lowbit.convert",
+    "quantizers": "lowbit.convert",
+    "regularization": "lowbit.convert",
+    "methods": "lowbit.quant",
+    "Recipe": "lowbit.recipe",
+    "RecipeError": "lowbit.recipe",
+    "summary": "lowbit.summary",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,11 +1,12 @@
 """The ``lowbit`` command: a thin layer over the library.
 
-    lowbit train [EXPERIMENT] [--run-dir DIR] [--set key=value ...]   train (FP, then QAT)
-    lowbit train --resume RUN                                         continue a killed run
-    lowbit eval RUN [--split test]                                    accuracy of a run's model
-    lowbit summary RUN                                                per-layer bits, sparsity, size
-    lowbit compare RUN [RUN ...]                                      table across runs
-    lowbit methods                                                    registered quantisers
+lowbit train [EXPERIMENT] [--run-dir DIR] [--device D] [--set key=value ...]
+                                                                  train (FP, then QAT)
+lowbit train --resume RUN                                         continue a killed run
+lowbit eval RUN [--split test]                                    accuracy of a run's model
+lowbit summary RUN                                                per-layer bits, sparsity, size
+lowbit compare RUN [RUN ...]                                      table across runs
+lowbit methods                                                    registered quantisers
 """
 
 from __future__ import annotations
@@ -56,17 +57,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         source = args.experiment
     exp = Experiment.load(source)
-    if args.set:
+    assignments = list(args.set or [])
+    if args.device:
+        phases = ("train", "pretrain") if exp.pretrain is not None else ("train",)
+        assignments += [f"{phase}.device={args.device}" for phase in phases]
+    if assignments:
         raw = exp.to_dict()
-        for assignment in args.set:
+        for assignment in assignments:
             _set_override(raw, assignment)
         exp = Experiment.from_dict(raw)
     if not args.resume:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{exp.name}-{stamp}"
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(f"run folder {run_dir} already exists; use --resume {run_dir} "
-                             f"to continue it or choose another --run-dir")
+            raise ValueError(
+                f"run folder {run_dir} already exists; use --resume {run_dir} "
+                f"to continue it or choose another --run-dir"
+            )
     console.print(f"run folder: [bold]{run_dir}[/]")
     run_experiment(exp, run_dir, resume=bool(args.resume), console=console)
     return 0
@@ -120,24 +127,37 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for col in ("method", "quantises", "default recipe"):
         table.add_column(col)
     for name in registry.methods():
-        table.add_row(name, ", ".join(registry.roles_of(name)),
-                      default_recipe_dict(name).get("description", ""))
+        table.add_row(
+            name,
+            ", ".join(registry.roles_of(name)),
+            default_recipe_dict(name).get("description", ""),
+        )
     console.print(table)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an experiment (default: TTQ on embedded MNIST)")
-    p.add_argument("experiment", nargs="?", default=None,
-                   help="experiment YAML/TOML file or packaged name (default: mnist5k-ttq)")
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        default=None,
+        help="experiment YAML/TOML file or packaged name (default: mnist5k-ttq)",
+    )
     p.add_argument("--run-dir", help="output folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a key, e.g. --set train.epochs=2 --set train.device=cuda")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's, else auto)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.epochs=2 --set train.device=cuda",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run's final model")
@@ -160,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train import CheckpointError, TrainingDiverged
+
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -167,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/] (resume with lowbit train --resume RUN)")
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as err:
         err_console.print(f"[bold red]error:[/] {err}")
         return 2
 

@@ -35,8 +35,8 @@ from rich.table import Table
 from torch import nn
 
 from ..convert import quantize
-from ..data import load_dataset
-from ..models import create_model
+from ..data import list_datasets, load_dataset
+from ..models import create_model, list_models
 from ..recipe import Recipe, RecipeError, read_mapping
 from ..summary import summary
 from .checkpoint import load_checkpoint, model_state
@@ -44,8 +44,17 @@ from .config import TrainConfig
 from .distributed import is_main_process
 from .trainer import Trainer
 
-EXPERIMENT_KEYS = ("name", "description", "seed", "device", "model", "data", "pretrain", "quant",
-                   "train")
+EXPERIMENT_KEYS = (
+    "name",
+    "description",
+    "seed",
+    "device",
+    "model",
+    "data",
+    "pretrain",
+    "quant",
+    "train",
+)
 DATA_KEYS = ("name", "data_dir", "val_fraction", "download", "augment")
 DEFAULT_EXPERIMENT = "mnist5k-ttq"
 
@@ -96,14 +105,26 @@ class Experiment:
             )
         shared = {k: d[k] for k in ("seed", "device") if k in d}
         model = _named_section(d, "model")
+        if model["name"] not in list_models():
+            raise ExperimentError(
+                f"model.name: unknown model {model['name']!r}; registered: "
+                f"{', '.join(list_models())}"
+            )
         data = _named_section(d, "data")
+        if data["name"] not in list_datasets():
+            raise ExperimentError(
+                f"data.name: unknown dataset {data['name']!r}; registered: "
+                f"{', '.join(list_datasets())}"
+            )
         bad = [k for k in data if k not in DATA_KEYS]
         if bad:
             raise ExperimentError(f"unknown key data.{bad[0]}; valid keys: {', '.join(DATA_KEYS)}")
         quant = None
         if d.get("quant") is None and d.get("pretrain") is not None:
-            raise ExperimentError("experiment key 'pretrain' needs a 'quant' recipe to fine-tune "
-                                  "with; for a float-only run give 'train' alone")
+            raise ExperimentError(
+                "experiment key 'pretrain' needs a 'quant' recipe to fine-tune "
+                "with; for a float-only run give 'train' alone"
+            )
         if d.get("quant") is not None:
             try:
                 quant = Recipe.load(d["quant"])
@@ -115,7 +136,8 @@ class Experiment:
             model=model,
             data=data,
             train=_train_config(d.get("train", {}), "train", shared),
-            pretrain=None if d.get("pretrain") is None
+            pretrain=None
+            if d.get("pretrain") is None
             else _train_config(d["pretrain"], "pretrain", shared),
             quant=quant,
         )
@@ -135,8 +157,9 @@ class Experiment:
 
 def packaged_experiments() -> list[str]:
     folder = resources.files("lowbit") / "recipes" / "experiments"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _named_section(d: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -162,8 +185,9 @@ def build_model(exp: Experiment, num_classes: int, in_shape: tuple[int, int, int
     """The float model of ``exp`` (errors name ``model.*``)."""
     options = {k: v for k, v in exp.model.items() if k != "name"}
     try:
-        return create_model(exp.model["name"], num_classes=num_classes, in_shape=in_shape,
-                            **options)
+        return create_model(
+            exp.model["name"], num_classes=num_classes, in_shape=in_shape, **options
+        )
     except (ValueError, TypeError) as err:
         raise ExperimentError(f"model: {err}") from err
 
@@ -188,8 +212,9 @@ def final_checkpoint(phase_dir: Path) -> Path:
 
 
 # -- running ---------------------------------------------------------------------------------
-def run_experiment(exp: Experiment, run_dir: Path, *, resume: bool = False,
-                   console: Console | None = None) -> dict[str, Any]:
+def run_experiment(
+    exp: Experiment, run_dir: Path, *, resume: bool = False, console: Console | None = None
+) -> dict[str, Any]:
     """Run every phase of ``exp`` into ``run_dir``; returns the results (also results.json).
 
     With ``resume``, finished phases are skipped (their weights reloaded) and an interrupted
@@ -205,12 +230,19 @@ def run_experiment(exp: Experiment, run_dir: Path, *, resume: bool = False,
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, data.num_classes, data.in_shape)
     if main:
-        info = {"num_classes": data.num_classes, "in_shape": list(data.in_shape),
-                "dataset": data.name, "lowbit_run": 1}
+        info = {
+            "num_classes": data.num_classes,
+            "in_shape": list(data.in_shape),
+            "dataset": data.name,
+            "lowbit_run": 1,
+        }
         (run_dir / "run.json").write_text(json.dumps(info, indent=2))
     start = time.perf_counter()
-    results: dict[str, Any] = {"name": exp.name, "model": exp.model["name"],
-                               "data": exp.data["name"]}
+    results: dict[str, Any] = {
+        "name": exp.name,
+        "model": exp.model["name"],
+        "data": exp.data["name"],
+    }
     phases: list[tuple[str, TrainConfig]] = []
     if exp.pretrain is not None:
         phases.append(("fp", exp.pretrain))
@@ -220,8 +252,9 @@ def run_experiment(exp: Experiment, run_dir: Path, *, resume: bool = False,
             quantize(model, exp.quant)
         phase_dir = run_dir / phase
         console.rule(f"[bold]{exp.name}: {phase} phase ({config.epochs} epochs)")
-        trainer = Trainer(model, data.train, data.val, config, phase_dir, test_set=data.test,
-                          console=console)
+        trainer = Trainer(
+            model, data.train, data.val, config, phase_dir, test_set=data.test, console=console
+        )
         done = Path(phase_dir / "metrics.json")
         if resume and done.exists():
             console.print(f"{phase}: finished earlier, reloading its weights")
@@ -251,8 +284,15 @@ def run_experiment(exp: Experiment, run_dir: Path, *, resume: bool = False,
 def results_table(rows: list[Mapping[str, Any]], title: str = "lowbit runs") -> Table:
     """One row per run: phase accuracies, size and compression."""
     table = Table(title=title)
-    for col in ("run", "model", "method", "float test acc", "quantised test acc", "size (KiB)",
-                "vs float32"):
+    for col in (
+        "run",
+        "model",
+        "method",
+        "float test acc",
+        "quantised test acc",
+        "size (KiB)",
+        "vs float32",
+    ):
         table.add_column(col, justify="left" if col in ("run", "model", "method") else "right")
     for r in rows:
         fp = r.get("fp", {}).get("test", {}).get("acc")
