@@ -146,3 +146,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_experiment_files_are_valid(path: Path) -> None:
+    exp = Experiment.load(path)
+    assert exp.name == path.stem
