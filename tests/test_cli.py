@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from rich.console import Console
 
 import lowbit
+import lowbit.cli
+import lowbit.data
 import lowbit.nn
 from lowbit.cli import main
 from lowbit.models import create_model, list_models
@@ -52,7 +57,8 @@ def test_every_model_runs_under_every_method(model_name: str) -> None:
         out.sum().backward()
 
 
-def test_pipeline_then_eval_summary_compare(tmp_path: Path, capsys) -> None:
+def test_pipeline_then_eval_summary_compare(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(lowbit.cli, "console", Console(width=300))  # no wrapped table cells
     exp = write_experiment(tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(exp), "--run-dir", str(run)]) == 0
@@ -74,6 +80,25 @@ def test_pipeline_then_eval_summary_compare(tmp_path: Path, capsys) -> None:
     assert "lsq" in capsys.readouterr().out
     assert main(["compare", str(run), str(run)]) == 0
     assert capsys.readouterr().out.count("tiny") == 2
+
+    # Deployment: the .lowbit file runs without torch and agrees with the trained model.
+    assert main(["export", str(run), "-o", str(tmp_path / "m.lowbit")]) == 0
+    assert main(["summary", str(tmp_path / "m.lowbit")]) == 0
+    assert "lsq" in capsys.readouterr().out
+    data = lowbit.data.load_dataset("digits", seed=3)
+    x = torch.stack([data.test[i][0] for i in range(32)])
+    np.save(tmp_path / "x.npy", x.numpy())
+    assert main(["run", str(tmp_path / "m.lowbit"), str(tmp_path / "x.npy"), "--top-k", "2",
+                 "--engine", "integer"]) == 0
+    out = capsys.readouterr().out
+    assert "integer engine" in out
+    _, torch_model, _ = load_run(run)
+    with torch.no_grad():
+        expected = torch_model(x).argmax(1).tolist()
+    for i, label in enumerate(expected):
+        assert re.search(rf"x\.npy\[{i}\]\s*│\s*{label} \(", out), (i, label)
+    assert main(["export", str(run), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
 
     # The QAT phase started from the FP phase's best weights, which load_run rebuilds.
     _, model, _ = load_run(run)

@@ -6,6 +6,8 @@ The public API::
     model = lowbit.quantize(model, "ttq")      # or a dict, a YAML/TOML path, a Recipe
     lowbit.summary(model)                       # per-layer bits, sparsity, size vs float32
     lowbit.methods()                            # registered quantiser names
+    lowbit.export(model, "model.lowbit", example_input=(1, 28, 28))   # bit-packed file
+    lowbit.load("model.lowbit")(x)              # numpy inference, no torch needed
 
 Names are imported on first use, so ``import lowbit.runtime`` (numpy only) does not pull in
 torch and the training code.
@@ -26,6 +28,8 @@ _EXPORTS = {
     "Recipe": "lowbit.recipe",
     "RecipeError": "lowbit.recipe",
     "summary": "lowbit.summary",
+    "export": "lowbit.export",
+    "load": "lowbit.runtime",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -47,6 +47,7 @@ def _set_override(config: dict[str, Any], assignment: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed
     from .train.experiment import Experiment, run_experiment
 
     if args.resume:
@@ -74,6 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"run folder {run_dir} already exists; use --resume {run_dir} "
                 f"to continue it or choose another --run-dir"
             )
+    # under torchrun: join the ranks; all have read the recipe and checked the folder before
+    # rank 0 writes to it, and only rank 0 prints
+    distributed.setup(exp.train.resolve_device())
+    distributed.barrier()
+    console.quiet = not distributed.is_main_process()
     console.print(f"run folder: [bold]{run_dir}[/]")
     run_experiment(exp, run_dir, resume=bool(args.resume), console=console)
     return 0
@@ -98,11 +104,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    if target.is_file():
+        from .runtime import file_summary
+
+        console.print(file_summary(target).table())
+        return 0
     from .summary import summary
     from .train.experiment import load_run
 
-    _, model, _ = load_run(Path(args.target))
+    _, model, _ = load_run(target)
     summary(model, console=console)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        from .export.onnx import export_onnx_run
+
+        out = export_onnx_run(args.run, args.output or Path(args.run) / "model.onnx")
+    else:
+        from .export import export_run
+
+        out = export_run(
+            args.run,
+            args.output or Path(args.run) / "model.lowbit",
+            ternary_layout=args.ternary_layout,
+        )
+    console.print(f"wrote [bold]{out}[/] ({out.stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import classify, load
+
+    model = load(args.model, engine=args.engine)
+    table = Table(title=f"{args.model} ({model.engine} engine)")
+    table.add_column("input")
+    for rank in range(1, args.top_k + 1):
+        table.add_column(f"#{rank} (p)", justify="right")
+    for label, pairs in classify(model, args.inputs, top_k=args.top_k):
+        table.add_row(label, *[f"{c} ({p:.3f})" for c, p in pairs])
+    console.print(table)
     return 0
 
 
@@ -166,9 +209,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("summary", help="per-layer bits, sparsity and size of a run's model")
-    p.add_argument("target", help="a run folder")
+    p = sub.add_parser("summary", help="per-layer bits, sparsity and size (run or .lowbit)")
+    p.add_argument("target", help="a run folder or a .lowbit file")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("export", help="write a run's model as a bit-packed .lowbit or ONNX file")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("-o", "--output", type=Path, help="default: RUN/model.lowbit or .onnx")
+    p.add_argument("--format", choices=("lowbit", "onnx"), default="lowbit")
+    p.add_argument(
+        "--ternary-layout",
+        choices=("5trit", "2bit"),
+        default="5trit",
+        help="ternary packing: 5 trits a byte (1.6 bits) or 2 bits a weight",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="classify images (PNG) or arrays (NPY) with a .lowbit model")
+    p.add_argument("model", help="a .lowbit file")
+    p.add_argument("inputs", nargs="+", help="PNG images or .npy arrays")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--engine",
+        choices=("auto", "float", "integer"),
+        default="auto",
+        help="integer-only engine where the model allows it (auto), or force one",
+    )
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="accuracy / bits / size across runs")
     p.add_argument("runs", nargs="+")

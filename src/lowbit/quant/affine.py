@@ -17,13 +17,13 @@ integer engine lives in :mod:`lowbit.fixedpoint`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantSpec, channel_view
-from .functional import abs_rows, check_int, check_real
+from .functional import abs_rows, check_int, check_real, static_runtime_spec
 from .registry import register
 
 EPS = torch.finfo(torch.float32).eps  # smallest scale, as torch.ao.quantization observers use
@@ -178,6 +178,24 @@ class AffineActivation(_AffineQuantizer):
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes of ``x`` under the stored range (the eval-mode forward, ignoring the delay)."""
         return self._codes(x, *self.qparams())
+
+    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+        """Static ``affine`` grid of the stored range; None while eval passes ``x`` through (no
+        range observed yet, or the delay not elapsed). PyTorch's fake-quant kernel multiplies
+        by ``1 / S``, which is the multiplier given."""
+        if not bool(self.initialized) or int(self.steps) < self.quant_delay:
+            return None
+        scale, zero_point = self.qparams()
+        spec = QuantSpec(
+            scheme="affine",
+            bits=self.bits,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            scale=scale,
+            zero_point=zero_point,
+            signed=self.signed,
+        )
+        return static_runtime_spec(spec, 1.0 / scale)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ema_decay={self.ema_decay}, quant_delay={self.quant_delay}"

@@ -12,7 +12,7 @@ Every quantiser is a small :class:`torch.nn.Module` that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +133,17 @@ class Quantizer(nn.Module):
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:  # pragma: no cover - abstract
         """Integer codes of ``x`` and the spec that maps them back (``x`` as given to forward)."""
         raise NotImplementedError
+
+    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+        """How an inference runtime quantises this activation quantiser's input ``x``.
+
+        A dict in the ``input_quant`` form of :mod:`lowbit.runtime.graph` (``kind`` ``static``,
+        ``sign``, ``sign_mean_abs`` or ``dynamic_max_abs``), or None where the evaluation
+        forward passes ``x`` through unchanged. ``x`` is an example input (its shape matters,
+        e.g. for LSQ's gradient-scaled step). ValueError for a quantiser that has no such form
+        (weight quantisers) or is not ready for deployment.
+        """
+        raise ValueError(f"{type(self).__name__} ({self.role}) has no runtime activation form")
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

@@ -6,13 +6,15 @@ gradient through ``round``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .base import Quantizer, QuantSpec
 from .binary import binary_spec, sign_levels
 from .functional import CODE_DTYPE, check_int, positive, scalar_like, straight_through
-from .pact import clipped_uniform, clipped_uniform_codes
+from .pact import clipped_uniform, clipped_uniform_codes, clipped_uniform_runtime_spec
 from .registry import register
 
 
@@ -98,3 +100,7 @@ class DoReFaActivation(Quantizer):
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         return clipped_uniform_codes(x, scalar_like(x, 1.0), self.bits)
+
+    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+        """Static unsigned grid on ``[0, 1]``, scale ``1 / (2^k - 1)``."""
+        return clipped_uniform_runtime_spec(scalar_like(x, 1.0), self.bits)

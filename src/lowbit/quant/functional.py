@@ -7,7 +7,8 @@
 * uniform-grid helpers (:func:`signed_bounds`, :func:`uniform_codes`, :func:`uniform_grid_codes`)
   and small tensor helpers (:func:`rowwise_dot`, :func:`positive`, :func:`abs_rows`,
   :func:`scalar_like`);
-* :class:`SeededRandom`, the module-owned random stream of the stochastic quantisers.
+* :class:`SeededRandom`, the module-owned random stream of the stochastic quantisers;
+* :func:`static_runtime_spec`, the deployment form of a fixed-grid activation quantiser.
 """
 
 from __future__ import annotations
@@ -142,6 +143,14 @@ def uniform_grid_codes(
     c = uniform_codes(x, 1.0 / channel_view(scale, x.dim(), axis), -qn, qp)
     spec = QuantSpec("uniform", bits, -qn, qp, scale=scale, axis=axis, signed=signed)
     return c.to(CODE_DTYPE), spec
+
+
+def static_runtime_spec(spec: QuantSpec, inv_scale: Tensor | float) -> dict[str, Any]:
+    """The ``static`` ``input_quant`` dict of :meth:`Quantizer.runtime_spec`: the spec, plus the
+    float32 multiplier ``inv_scale`` that forward applies before rounding (``codes =
+    round(x * inv_scale)``), so a runtime reproduces the codes bit for bit."""
+    inv = torch.as_tensor(inv_scale, dtype=torch.float32).detach().reshape(())
+    return {"kind": "static", "spec": spec.to_dict(), "inv_scale": float(inv.item())}
 
 
 # --------------------------------------------------------------------------- tensor helpers

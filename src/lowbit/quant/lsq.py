@@ -28,6 +28,7 @@ from .functional import (
     positive,
     rowwise_dot,
     signed_bounds,
+    static_runtime_spec,
     uniform_codes,
     uniform_grid_codes,
 )
@@ -186,6 +187,26 @@ class LSQ(Quantizer):
         """
         s, signed = self._scale(x), bool(self.signed)
         return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel, signed)
+
+    @torch.no_grad()
+    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+        """Static ``uniform`` grid with the step forward uses for inputs shaped like ``x``.
+
+        The step is ``s_used`` (Eq. 4's gradient-scale trick can move it by an ulp, so it is
+        computed as forward computes it) and the multiplier ``1 / s_used``. ValueError for a
+        weight quantiser or an activation step that no forward has initialised yet.
+        """
+        if self.role != "activation":
+            return super().runtime_spec(x)
+        if not bool(self.initialized):
+            raise ValueError(
+                "LSQ activation step is not initialised: run the model on data once before export"
+            )
+        s = self._scale(x).reshape(())
+        spec = QuantSpec(
+            "uniform", self.bits, -self._qn, self._qp, scale=s, signed=bool(self.signed)
+        )
+        return static_runtime_spec(spec, 1.0 / s)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .base import Quantizer, QuantSpec
-from .functional import CODE_DTYPE, check_int, check_real, positive, rowwise_dot, uniform_codes
+from .functional import (
+    CODE_DTYPE,
+    check_int,
+    check_real,
+    positive,
+    rowwise_dot,
+    static_runtime_spec,
+    uniform_codes,
+)
 from .registry import register
 
 
@@ -47,6 +55,14 @@ class _ClippedUniform(torch.autograd.Function):
 def clipped_uniform(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """Fake-quantise ``x`` to ``bits`` bits on ``[0, alpha]`` with PACT's gradients."""
     return _ClippedUniform.apply(x, alpha, 2**bits - 1)
+
+
+def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> dict[str, Any]:
+    """Static grid of :func:`clipped_uniform`: scale ``alpha / n``, multiplier ``n / alpha``."""
+    n = 2**bits - 1
+    with torch.no_grad():
+        spec = QuantSpec("uniform", bits, 0, n, scale=(alpha / n).detach(), signed=False)
+        return static_runtime_spec(spec, n / alpha)
 
 
 def clipped_uniform_codes(x: Tensor, alpha: Tensor, bits: int) -> tuple[Tensor, QuantSpec]:
@@ -90,6 +106,10 @@ class PACT(Quantizer):
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``round(clip(x, 0, alpha) / s)``, unsigned ``uniform``, ``s = alpha / (2^k-1)``."""
         return clipped_uniform_codes(x, positive(self.alpha), self.bits)
+
+    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+        """Static unsigned grid on ``[0, alpha]`` (see :func:`clipped_uniform_runtime_spec`)."""
+        return clipped_uniform_runtime_spec(positive(self.alpha), self.bits)
 
     def regularization(self) -> Tensor:
         """``alpha_decay / 2 * alpha^2``, the L2 term to add to the loss.
