@@ -29,8 +29,10 @@ so dequantising codes with the spec gives the fake-quant weight exactly.
 
 An ``input_quant`` describes how the layer quantises its input at run time, one of:
 
-* ``{"kind": "static", "spec": {...}}`` -- ``codes = clip(round_half_even(x / scale) + zp,
-  qmin, qmax)`` with a fixed uniform/affine spec (LSQ, PACT, DoReFa, affine/Jacob);
+* ``{"kind": "static", "spec": {...}, "inv_scale": float}`` -- ``codes =
+  clip(round_half_even(x * inv_scale) + zp, qmin, qmax)`` with a fixed uniform/affine spec (LSQ,
+  PACT, DoReFa, affine/Jacob); ``inv_scale`` is the float32 multiplier the quantiser itself
+  applies (``n / alpha`` for PACT), which makes the codes bit-exact; without it ``1 / scale``;
 * ``{"kind": "sign"}`` -- codes ``+1`` where ``x >= 0`` else ``-1``, scale 1 (BNN);
 * ``{"kind": "sign_mean_abs", "per_sample": bool}`` -- XNOR-Net: sign codes times
   ``beta = mean(|x|)`` over the channel dim (or over all non-batch dims per sample);
