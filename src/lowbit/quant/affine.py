@@ -104,9 +104,9 @@ class _AffineQuantizer(Quantizer):
     def _fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
         return fake_quant(x, scale, zero_point, self.qmin, self.qmax, self.axis)
 
-    def _codes(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, QuantSpec]:
-        """Codes of ``x`` under ``(scale, zero_point)`` and their ``affine`` spec."""
-        spec = QuantSpec(
+    def _spec(self, scale: Tensor, zero_point: Tensor) -> QuantSpec:
+        """The ``affine`` spec of this grid under ``(scale, zero_point)``."""
+        return QuantSpec(
             scheme="affine",
             bits=self.bits,
             qmin=self.qmin,
@@ -116,6 +116,10 @@ class _AffineQuantizer(Quantizer):
             axis=self.axis,
             signed=self.signed,
         )
+
+    def _codes(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, QuantSpec]:
+        """Codes of ``x`` under ``(scale, zero_point)`` and their ``affine`` spec."""
+        spec = self._spec(scale, zero_point)
         return _codes_of(self._fake_quant(x.detach(), scale, zero_point), spec), spec
 
 
@@ -186,16 +190,7 @@ class AffineActivation(_AffineQuantizer):
         if not bool(self.initialized) or int(self.steps) < self.quant_delay:
             return None
         scale, zero_point = self.qparams()
-        spec = QuantSpec(
-            scheme="affine",
-            bits=self.bits,
-            qmin=self.qmin,
-            qmax=self.qmax,
-            scale=scale,
-            zero_point=zero_point,
-            signed=self.signed,
-        )
-        return static_runtime_spec(spec, 1.0 / scale)
+        return static_runtime_spec(self._spec(scale, zero_point), 1.0 / scale)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, ema_decay={self.ema_decay}, quant_delay={self.quant_delay}"
