@@ -1,6 +1,6 @@
 """Build of the optional C extension ``lowbit.runtime._kernels`` (everything else: pyproject.toml).
 
-The kernels are C99 with OpenMP; AVX2 code paths are compiled per function
+The kernels are C11 (GNU) with OpenMP; AVX2 code paths are compiled per function
 (``__attribute__((target("avx2,fma,popcnt")))``) and chosen at run time, so the module itself is
 built for the baseline ISA. A build failure is not fatal: ``lowbit.runtime.kernels`` falls back to
 numpy. Set ``LOWBIT_NO_OPENMP=1`` to build without OpenMP (single-threaded kernels).

@@ -50,6 +50,27 @@ except ImportError as _exc:  # pragma: no cover - depends on the build
 else:
     _EXT_ERROR = None
 
+__all__ = [
+    "OutputStage",
+    "Requant",
+    "Scale",
+    "Threshold",
+    "backend",
+    "binary_gemm",
+    "binary_gemm_scale",
+    "binary_gemm_threshold",
+    "has_avx2",
+    "im2col",
+    "int8_gemm",
+    "int8_gemm_requant",
+    "pack_signs",
+    "release_scratch",
+    "set_backend",
+    "ternary_gemm_binary_act",
+    "ternary_gemm_int8",
+    "ternary_planes",
+]
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # output stage -> the extension's mode number
 _MODES = (
@@ -97,6 +118,13 @@ def set_backend(name: str | None = None) -> str:
     if _ext is not None:
         _ext.set_avx2(name == "avx2" or (name is None and _auto_avx2()))
     return backend()
+
+
+def release_scratch() -> None:
+    """Free the packing buffers the compiled kernels keep between calls (a few per process, so
+    repeated calls of a large GEMM do not page-fault on fresh memory every time)."""
+    if _ext is not None:
+        _ext.drop_pool()
 
 
 def _use_ext() -> bool:
