@@ -12,12 +12,13 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import CommConfig, TrainConfig
 from .distributed import is_main_process
 from .trainer import Trainer, TrainingDiverged, evaluate
 
 __all__ = [
     "CheckpointError",
+    "CommConfig",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",

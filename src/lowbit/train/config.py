@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+COMM_METHODS = ("none", "fp16", "int8", "qsgd", "sign_ef")
 SCHEDULES = ("cosine", "step", "constant")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -28,12 +29,13 @@ def _fail(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"{key} must be {expected}, got {value!r}")
 
 
-def _integer(low: int) -> Check:
-    """An ``int`` (not a bool) ``>= low``."""
+def _integer(low: int, high: float = math.inf) -> Check:
+    """An ``int`` (not a bool) in ``[low, high]``."""
+    expected = f"an integer >= {low}" if high == math.inf else f"an integer in [{low}, {high}]"
 
     def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _fail(key, value, f"an integer >= {low}")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(key, value, expected)
         return value
 
     return check
@@ -90,6 +92,66 @@ def _milestones(key: str, value: Any) -> tuple[int, ...]:
     return items
 
 
+@dataclass(frozen=True)
+class CommConfig:
+    """How DDP ranks exchange gradients (:mod:`lowbit.train.comm`); unused with one process.
+
+    Attributes:
+        method: ``"none"`` (float32 all-reduce), ``"fp16"``, ``"int8"`` (per-bucket scale,
+            stochastic rounding), ``"qsgd"`` (Alistarh et al. 2017) or ``"sign_ef"`` (1 bit a
+            value with error feedback).
+        levels: QSGD's ``s``, the number of magnitude levels in ``[1, 127]``; codes take
+            ``ceil(log2(2 s + 1))`` bits (7 levels: 4 bits, 8x fewer bytes than float32).
+        chunk: QSGD's bucket size ``d``: one norm per ``chunk`` values (0: one per DDP bucket).
+        seed: seeds the stochastic rounding (with the rank, step and bucket).
+    """
+
+    method: str = "none"
+    levels: int = 7
+    chunk: int = 2048
+    seed: int = 0
+    prefix: InitVar[str] = "train.comm"
+
+    def __post_init__(self, prefix: str) -> None:
+        _validate(self, _COMM_CHECKS, prefix)
+
+    @classmethod
+    def from_dict(cls, d: Any, prefix: str = "train.comm") -> CommConfig:
+        """From a mapping (errors name ``<prefix>.<key>``) or a method name alone."""
+        if isinstance(d, str):
+            d = {"method": d}
+        if not isinstance(d, Mapping):
+            raise _fail(prefix, d, "a mapping like {method: qsgd, levels: 7}")
+        _check_known_keys(d, cls, prefix)
+        return cls(**d, prefix=prefix)
+
+
+_COMM_CHECKS: dict[str, Check] = {
+    "method": _choice(COMM_METHODS),
+    "levels": _integer(1, 127),
+    "chunk": _integer(0),
+    "seed": _integer(0),
+}
+
+
+def _validate(config: Any, checks: Mapping[str, Check], prefix: str) -> None:
+    """Check (and normalise) each field of a frozen config dataclass; errors name the key."""
+    for name, check in checks.items():
+        object.__setattr__(config, name, check(f"{prefix}.{name}", getattr(config, name)))
+
+
+def _check_known_keys(d: Mapping[str, Any], cls: type, prefix: str) -> None:
+    """A ValueError naming the first key of ``d`` that is not a field of ``cls``."""
+    valid = tuple(f.name for f in dataclasses.fields(cls))
+    for key in d:
+        if key not in valid:
+            raise ValueError(f"unknown key {prefix}.{key}; valid keys: {', '.join(valid)}")
+
+
+def _comm(key: str, value: Any) -> CommConfig:
+    return value if isinstance(value, CommConfig) else CommConfig.from_dict(value, prefix=key)
+
+
 _CHECKS: dict[str, Check] = {
     "epochs": _integer(1),
     "batch_size": _integer(1),
@@ -109,6 +171,7 @@ _CHECKS: dict[str, Check] = {
     "num_workers": _integer(0),
     "eval_every": _integer(1),
     "checkpoint_every": _integer(1),
+    "comm": _comm,
 }
 
 
@@ -136,6 +199,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes.
         eval_every: evaluate on the validation set every this many epochs (and at the end).
         checkpoint_every: write the ``last`` checkpoint every this many epochs (and at the end).
+        comm: gradient communication under DDP, a :class:`CommConfig` or a mapping
+            ``{method: qsgd, levels: 7, seed: 0}`` (see :mod:`lowbit.train.comm`).
     """
 
     epochs: int = 10
@@ -156,11 +221,11 @@ class TrainConfig:
     num_workers: int = 0
     eval_every: int = 1
     checkpoint_every: int = 1
+    comm: CommConfig = CommConfig()
     prefix: InitVar[str] = "train"
 
     def __post_init__(self, prefix: str) -> None:
-        for name, check in _CHECKS.items():
-            object.__setattr__(self, name, check(f"{prefix}.{name}", getattr(self, name)))
+        _validate(self, _CHECKS, prefix)
         self._check_combinations(prefix)
 
     def _check_combinations(self, prefix: str) -> None:
@@ -187,10 +252,7 @@ class TrainConfig:
         """Build from a mapping; errors name ``<prefix>.<key>``. Missing keys take defaults."""
         if not isinstance(d, Mapping):
             raise ValueError(f"{prefix} must be a mapping, got {d!r}")
-        valid = cls.valid_keys()
-        for key in d:
-            if key not in valid:
-                raise ValueError(f"unknown key {prefix}.{key}; valid keys: {', '.join(valid)}")
+        _check_known_keys(d, cls, prefix)
         return cls(**d, prefix=prefix)
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,11 +13,23 @@ draws its data order from a generator seeded by ``(seed, e)`` alone, and dataset
 ``set_epoch(e)`` are told the epoch first. A checkpoint holds every RNG state, so
 ``fit(resume=True)`` after an interruption ends (on CPU) with bitwise the same weights as an
 uninterrupted run.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same code trains data-parallel, see
+``docs/distributed.md``: ``batch_size`` stays the global batch (each of the ``W`` ranks loads
+``batch_size / W`` samples from a :class:`~torch.utils.data.DistributedSampler` seeded with
+``seed`` and told the epoch); the model is wrapped in :class:`DistributedDataParallel` with the
+recipe's gradient communication hook (:mod:`lowbit.train.comm`); the running statistics are
+reduced across ranks after every step (:func:`lowbit.train.distributed.sync_buffers`); step and
+epoch metrics are summed over ranks, and validation is sharded (rank ``r`` evaluates items
+``r, r + W, ...``) and reduced, so every rank sees the same numbers as one process would. Only
+rank 0 writes logs and checkpoints; every rank reads the checkpoint on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import math
 import random
 import time
@@ -36,8 +48,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
+from . import distributed
 from .checkpoint import (
     capture_training_state,
     load_checkpoint,
@@ -45,6 +58,7 @@ from .checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
+from .comm import CommState, register
 from .config import TrainConfig
 from .distributed import is_main_process
 from .optim import build_optimizer, build_scheduler, regularizers
@@ -72,8 +86,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
-def _batch_stats(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> list[float]:
-    """``[loss, total, #correct]`` in one host transfer.
+def _batch_stats_tensor(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> Tensor:
+    """``[loss, total, #correct]`` as a float64 tensor on ``out``'s device.
 
     ``#correct`` counts ``argmax(out) == y`` for class logits ``[N, C]`` and integer targets
     ``[N]``; for any other output it is NaN (accuracy is then reported as NaN).
@@ -83,7 +97,12 @@ def _batch_stats(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> list[fl
     else:
         correct = torch.tensor(math.nan, dtype=torch.float64, device=out.device)
     values = (loss.detach().to(torch.float64), total.detach().to(torch.float64), correct)
-    return torch.stack(values).tolist()
+    return torch.stack(values)
+
+
+def _batch_stats(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> list[float]:
+    """``[loss, total, #correct]`` (see :func:`_batch_stats_tensor`) in one host transfer."""
+    return _batch_stats_tensor(out, y, loss, total).tolist()
 
 
 def evaluate(
@@ -94,6 +113,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` over ``loader`` (eval mode, ``no_grad``; the mode is
     restored after). ``loss_fn`` defaults to cross-entropy."""
+    loss_sum, correct, n = _evaluation_sums(model, loader, loss_fn, device)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def _evaluation_sums(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    device: torch.device | str,
+) -> tuple[float, float, int]:
+    """``(sum of per-item losses, #correct, #items)`` over ``loader``, as :func:`evaluate`."""
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     was_training = model.training
     model.eval()
@@ -110,7 +140,7 @@ def evaluate(
                 n += len(y)
     finally:
         model.train(was_training)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+    return loss_sum, correct, n
 
 
 class Trainer:
@@ -149,14 +179,22 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             config = TrainConfig.from_dict(config)
         self.config = config
-        self.device = config.resolve_device()
+        self.device = distributed.setup(config.resolve_device())
+        self.world_size = distributed.world_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must be divisible by the number of "
+                f"processes ({self.world_size}): it is the global batch, split across ranks"
+            )
+        self.local_batch_size = config.batch_size // self.world_size
         self.model = model.to(self.device)
         self.train_set, self.val_set, self.test_set = train_set, val_set, test_set
         self.run_dir = Path(run_dir)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.console = console if console is not None else Console(stderr=True)
         self.callbacks = tuple(callbacks)
-        self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)  # type: ignore[arg-type]
+        per_rank = math.ceil(len(train_set) / self.world_size)  # type: ignore[arg-type]
+        self.steps_per_epoch = math.ceil(per_rank / self.local_batch_size)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp else None
@@ -168,6 +206,8 @@ class Trainer:
         self._train_time_s = 0.0  # time inside training loops, all sessions
         self._wall_time_s = 0.0  # wall time of earlier sessions (resume)
         self._last_val: dict[str, float] | None = None
+        self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper during fit
+        self.comm: CommState | None = None  # its communication hook's state (byte counters)
 
     # -- public API --------------------------------------------------------------------------
     @property
@@ -187,19 +227,34 @@ class Trainer:
             seed_everything(self.config.seed)
         log = RunLog(self.run_dir, self.epoch, enabled=is_main_process())
         try:
+            if distributed.is_distributed():
+                self._wrap_ddp()
             for epoch in range(self.epoch + 1, self.config.epochs + 1):
                 self._run_epoch(epoch, log, session_start)
             summary = self._summary(time.perf_counter() - session_start)
             log.write_summary(summary)
         finally:
             log.close()
+            self._unwrap_ddp()
+        distributed.barrier()  # rank 0's files are complete before any rank reads them
         return summary
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """Mean loss and accuracy on ``dataset`` (eval mode, ``no_grad``; mode restored after)."""
+        """Mean loss and accuracy on ``dataset`` (eval mode, ``no_grad``; mode restored after).
+
+        Under DDP every rank must call it: rank ``r`` evaluates items ``r, r + W, ...`` and the
+        sums are reduced.
+        """
+        if distributed.is_distributed():
+            items = range(distributed.rank(), len(dataset), self.world_size)  # type: ignore[arg-type]
+            dataset = Subset(dataset, items)
         loader = self._loader(dataset, shuffle=False, seed=self.config.seed)
         with self._autocast():
-            return evaluate(self.model, loader, self.loss_fn, self.device)
+            sums = _evaluation_sums(self.model, loader, self.loss_fn, self.device)
+        loss_sum, correct, n = distributed.all_reduce_sum(
+            torch.tensor(sums, dtype=torch.float64, device=self.device)
+        ).tolist()
+        return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
 
     # -- one epoch -----------------------------------------------------------------------------
     def _run_epoch(self, epoch: int, log: RunLog, session_start: float) -> None:
@@ -224,6 +279,8 @@ class Trainer:
             "epoch_time_s": time.perf_counter() - start,
             "step_time_ms": train["step_time_ms"],
         }
+        if self.comm is not None:
+            metrics["comm_bytes"], metrics["comm_ratio"] = train["comm_bytes"], train["comm_ratio"]
         log.log_epoch(metrics, quantizer_scalars(self.model))
         self.epoch = epoch
         wall = self._wall_time_s + time.perf_counter() - session_start
@@ -241,30 +298,40 @@ class Trainer:
         self.model.train()
         if callable(getattr(self.train_set, "set_epoch", None)):
             self.train_set.set_epoch(epoch)  # type: ignore[attr-defined]
-        seed = epoch_seed(self.config.seed, epoch)
-        loader = self._loader(self.train_set, shuffle=True, seed=seed)
+        loader = self._train_loader(epoch)
         loss_sum, correct, n, lr = 0.0, 0.0, 0, math.nan
+        sent = (self.comm.bytes_sent, self.comm.fp32_bytes) if self.comm is not None else None
         start = time.perf_counter()
         with self._progress(epoch) as progress:
             task = progress.add_task("train", total=len(loader), loss=math.nan, acc=math.nan, lr=0)
             for step, (x, y) in enumerate(loader, 1):
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, right = self._train_step(x, y, epoch, step)
-                loss_sum, correct, n = loss_sum + loss * len(y), correct + right, n + len(y)
+                loss, right, size = self._train_step(x, y, epoch, step)
+                loss_sum, correct, n = loss_sum + loss * size, correct + right, n + size
                 progress.update(task, advance=1, loss=loss_sum / n, acc=correct / n, lr=lr)
         elapsed = time.perf_counter() - start
         self._train_time_s += elapsed
         step_ms = 1e3 * elapsed / len(loader)
-        return {"loss": loss_sum / n, "acc": correct / n, "lr": lr, "step_time_ms": step_ms}
+        out = {"loss": loss_sum / n, "acc": correct / n, "lr": lr, "step_time_ms": step_ms}
+        if self.comm is not None and sent is not None:
+            sent_bytes = self.comm.bytes_sent - sent[0]
+            out["comm_bytes"] = sent_bytes / len(loader)
+            out["comm_ratio"] = (self.comm.fp32_bytes - sent[1]) / max(sent_bytes, 1)
+        return out
 
-    def _train_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[float, float]:
-        """Forward, NaN check, backward, clipping, optimizer and LR step; ``(loss, #correct)``."""
+    def _train_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[float, float, int]:
+        """Forward, NaN check, backward, clipping, optimizer and LR step.
+
+        Returns ``(mean loss, #correct, #items)`` of the step, over all ranks under DDP.
+        """
         x, y = self._to_device(x, y)
+        if self.comm is not None:
+            self.comm.step = self.global_step
         with self._autocast():
-            out = self.model(x)
+            out = (self._ddp or self.model)(x)
             loss = self.loss_fn(out, y)
             total = loss + sum(r() for r in self._regularizers)
-        loss_value, total_value, right = _batch_stats(out, y, loss, total)
+        loss_value, total_value, right, size = self._step_stats(out, y, loss, total)
         if not math.isfinite(total_value):
             raise TrainingDiverged(
                 f"training diverged: loss is {total_value} at epoch {epoch}, step {step} of "
@@ -286,12 +353,67 @@ class Trainer:
             self.scaler.update()
         self.scheduler.step()
         self.global_step += 1
-        return loss_value, right
+        if self._ddp is not None:
+            distributed.sync_buffers(self.model)
+        return loss_value, right, size
+
+    def _step_stats(
+        self, out: Tensor, y: Tensor, loss: Tensor, total: Tensor
+    ) -> tuple[float, float, float, int]:
+        """``(mean loss, mean total loss, #correct, #items)`` of the step, summed over ranks."""
+        if self._ddp is None:
+            loss_value, total_value, right = _batch_stats(out, y, loss, total)
+            return loss_value, total_value, right, len(y)
+        stats = _batch_stats_tensor(out, y, loss, total)
+        size = torch.tensor([len(y)], dtype=torch.float64, device=stats.device)
+        sums = distributed.all_reduce_sum(torch.cat([stats[:2] * size, stats[2:], size]))
+        loss_sum, total_sum, right, n = sums.tolist()
+        return loss_sum / n, total_sum / n, right, int(n)
 
     def _clip_gradients(self) -> None:
         if self.config.grad_clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+
+    # -- data parallel -------------------------------------------------------------------------
+    def _wrap_ddp(self) -> None:
+        """Wrap the model in DDP with the recipe's comm hook, every rank starting from rank 0's
+        state.
+
+        Rank 0's parameters and buffers are broadcast, then lazily initialised quantiser state
+        (LSQ steps set from the first batch, parameters whose shape is known only then) is
+        initialised by one forward in eval mode, without gradients, on rank 0's first batch of
+        the coming epoch, the same on every rank; eval mode leaves the running statistics and
+        counters alone. After a resume this finds nothing left to initialise.
+        """
+        distributed.broadcast_state(self.model)
+        self._initialise_lazy_state(self._first_batch())
+        self._ddp = distributed.wrap(self.model, self.device)
+        self.comm = register(self._ddp, self.config.comm)
+
+    def _first_batch(self) -> Tensor:
+        """The inputs of rank 0's first batch of the next epoch (built alike on every rank)."""
+        indices = itertools.islice(self._sampler(self.epoch + 1, 0), self.local_batch_size)
+        x, _ = default_collate([self.train_set[i] for i in indices])
+        return x
+
+    @torch.no_grad()
+    def _initialise_lazy_state(self, x: Tensor) -> None:
+        """One eval-mode forward of ``x``: initialises lazy quantiser state, nothing else."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                self.model(x.to(self.device))
+        finally:
+            self.model.train(was_training)
+
+    def _unwrap_ddp(self) -> None:
+        """Drop the DDP wrapper; its gradient hooks go with it (parameters may be reused by a
+        later phase's model)."""
+        if self._ddp is not None:
+            self._ddp = None
+            gc.collect()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save(self, name: str, wall_time_s: float) -> None:
@@ -328,7 +450,7 @@ class Trainer:
         self._train_time_s = counters["train_time_s"]
         self._wall_time_s = counters["wall_time_s"]
         changed = _changed_keys(counters["config"], self.config.to_dict())
-        if changed:
+        if changed and is_main_process():
             self.console.print(
                 f"[yellow]warning:[/] resuming {path} with a different config ({changed}); "
                 "the result will differ from an uninterrupted run"
@@ -347,21 +469,49 @@ class Trainer:
             "wall_time_s": self._wall_time_s + session_s,
             "mean_step_time_ms": 1e3 * self._train_time_s / max(self.global_step, 1),
         }
+        if self.comm is not None:
+            summary.update(
+                world_size=self.world_size,
+                comm_method=self.config.comm.method,
+                comm_bytes_per_step=self.comm.bytes_per_step,
+                comm_fp32_bytes_per_step=self.comm.fp32_bytes / max(self.comm.steps, 1),
+                comm_ratio=self.comm.ratio,
+            )
         if self.test_set is not None:
             test = self.evaluate(self.test_set)
             summary["test_loss"], summary["test_acc"] = test["loss"], test["acc"]
         return summary
 
-    def _loader(self, dataset: Dataset, *, shuffle: bool, seed: int) -> DataLoader:
-        """A DataLoader whose order and worker seeds come from its own generator only."""
+    def _loader(
+        self, dataset: Dataset, *, shuffle: bool, seed: int, sampler: Any = None
+    ) -> DataLoader:
+        """A DataLoader whose order and worker seeds come from its own generator (or the
+        ``sampler``) only; batches of ``batch_size / world_size`` under a sampler."""
         return DataLoader(
             dataset,
-            batch_size=self.config.batch_size,
+            batch_size=self.config.batch_size if sampler is None else self.local_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),
         )
+
+    def _sampler(self, epoch: int, rank: int) -> DistributedSampler:
+        """``rank``'s share of epoch ``epoch``: a permutation seeded by ``(seed, epoch)``."""
+        sampler = DistributedSampler(
+            self.train_set, self.world_size, rank, shuffle=True, seed=self.config.seed
+        )
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def _train_loader(self, epoch: int) -> DataLoader:
+        """Epoch ``epoch``'s batches: a seeded shuffle, or this rank's DistributedSampler share."""
+        seed = epoch_seed(self.config.seed, epoch)
+        if not distributed.is_distributed():
+            return self._loader(self.train_set, shuffle=True, seed=seed)
+        sampler = self._sampler(epoch, distributed.rank())
+        return self._loader(self.train_set, shuffle=False, seed=seed, sampler=sampler)
 
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -392,6 +542,8 @@ class Trainer:
         val = ""
         if m["val_acc"] is not None:
             val = f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
+        if "comm_ratio" in m:
+            val += f"  comm {m['comm_bytes'] / 1024:.1f} KiB/step ({m['comm_ratio']:.1f}x)"
         self.console.print(
             f"epoch {m['epoch']}/{self.config.epochs}  train loss {m['train_loss']:.4f} "
             f"acc {m['train_acc']:.4f}{val}  lr {m['lr']:.3g}  {m['epoch_time_s']:.1f}s",
