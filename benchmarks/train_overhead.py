@@ -3,9 +3,9 @@
     python benchmarks/train_overhead.py                 # all methods, LeNet-5 on 1x28x28, batch 128
     python benchmarks/train_overhead.py --smoke         # tiny: checks it runs (CI)
 
-Each method's step (forward, backward, optimizer step) is timed over ``--steps`` steps after a
-warm-up; float32 is timed before and after the methods and averaged, so slow drift of the machine
-does not favour either side. The table gives the median step time and the ratio to float32.
+Each method's step (forward, backward, SGD step) is timed over ``--steps`` steps after a warm-up,
+in blocks alternating with the float32 model's steps (same model, same batch), so a change in
+the machine's load affects both alike. The table gives median step times and their ratio.
 """
 
 from __future__ import annotations
@@ -24,22 +24,37 @@ import lowbit
 from lowbit.models import create_model
 
 
-def step_times(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int
-) -> list[float]:
-    """Seconds per training step (forward + backward + SGD step)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    times = []
-    for i in range(warmup + steps):
+class Stepper:
+    """One model with its optimizer: ``step()`` runs and times one training step."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.x, self.y = model.train(), x, y
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def step(self) -> float:
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def paired_times(
+    a: Stepper, b: Stepper, steps: int, warmup: int, rounds: int = 3
+) -> tuple[list[float], list[float]]:
+    """Step times of ``a`` and ``b`` measured in alternating blocks, so that a change in the
+    machine's load affects both alike."""
+    for _ in range(warmup):
+        a.step()
+        b.step()
+    times_a: list[float] = []
+    times_b: list[float] = []
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        times_a += [a.step() for _ in range(per_round)]
+        times_b += [b.step() for _ in range(per_round)]
+    return times_a, times_b
 
 
 def fresh_model(name: str, in_shape: tuple[int, int, int], seed: int) -> nn.Module:
@@ -67,37 +82,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     y = torch.randint(0, 10, (args.batch,))
     methods = args.methods or lowbit.methods()
 
-    fp_runs = [
-        statistics.median(
-            step_times(fresh_model(args.model, in_shape, 0), x, y, args.steps, args.warmup)
-        )
-    ]
-    medians = {}
+    fp_ms, medians = {}, {}
     for method in methods:
-        model = lowbit.quantize(fresh_model(args.model, in_shape, 0), method)
-        medians[method] = statistics.median(step_times(model, x, y, args.steps, args.warmup))
-    fp_runs.append(
-        statistics.median(
-            step_times(fresh_model(args.model, in_shape, 0), x, y, args.steps, args.warmup)
-        )
-    )
-    fp = sum(fp_runs) / len(fp_runs)
+        fp = Stepper(fresh_model(args.model, in_shape, 0), x, y)
+        qat = Stepper(lowbit.quantize(fresh_model(args.model, in_shape, 0), method), x, y)
+        fp_t, qat_t = paired_times(fp, qat, args.steps, args.warmup)
+        fp_ms[method] = statistics.median(fp_t) * 1e3
+        medians[method] = statistics.median(qat_t) * 1e3
 
     table = Table(
         title=f"QAT step time vs float32: {args.model} {args.in_shape} batch {args.batch},"
         f" {args.threads} thread(s), {args.steps} steps"
     )
-    for col in ("method", "step (ms)", "ratio to float32"):
+    for col in ("method", "float32 step (ms)", "QAT step (ms)", "ratio to float32"):
         table.add_column(col, justify="right" if col != "method" else "left")
-    table.add_row("float32", f"{fp * 1e3:.2f}", "1.00")
     ratios = {}
     for method, t in medians.items():
-        ratios[method] = t / fp
-        table.add_row(method, f"{t * 1e3:.2f}", f"{t / fp:.2f}")
+        ratios[method] = t / fp_ms[method]
+        table.add_row(method, f"{fp_ms[method]:.2f}", f"{t:.2f}", f"{ratios[method]:.2f}")
     Console().print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"float32_ms": fp * 1e3, "ratios": ratios, "args": vars(args)}, f, indent=2)
+            json.dump(
+                {"float32_ms": fp_ms, "qat_ms": medians, "ratios": ratios, "args": vars(args)},
+                f,
+                indent=2,
+            )
     return ratios
 
 
