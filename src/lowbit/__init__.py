@@ -27,7 +27,7 @@ _EXPORTS = {
     "methods": "lowbit.quant",
     "Recipe": "lowbit.recipe",
     "RecipeError": "lowbit.recipe",
-    "summary": "lowbit.summary",
+    "summary": "lowbit.model_summary",
     "export": "lowbit.export",
     "load": "lowbit.runtime",
 }

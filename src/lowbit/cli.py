@@ -110,7 +110,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
         console.print(file_summary(target).table())
         return 0
-    from .summary import summary
+    from .model_summary import summary
     from .train.experiment import load_run
 
     _, model, _ = load_run(target)
@@ -159,6 +159,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"{run}: no results.json (unfinished or not a lowbit run)")
         rows.append(json.loads(path.read_text()))
     console.print(results_table(rows))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "accuracy":
+        from .bench import run_accuracy_bench
+
+        run_accuracy_bench(
+            args.dataset,
+            quick=args.quick,
+            seeds=args.seeds,
+            out=args.out,
+            methods=args.methods,
+            console=console,
+        )
+    else:  # kernels / models: their own options follow
+        import importlib
+
+        importlib.import_module(f"lowbit.bench.{args.what}").main(args.options)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.run, args.output)
+    console.print(f"wrote [bold]{out}[/]")
     return 0
 
 
@@ -240,6 +267,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="accuracy / bits / size across runs")
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: accuracy table, kernels, whole models",
+        description="lowbit bench accuracy [--quick] | lowbit bench kernels "
+        "[--smoke ...] | lowbit bench models [--smoke ...]",
+    )
+    p.add_argument("what", choices=("accuracy", "kernels", "models"))
+    p.add_argument("--dataset", default="mnist5k", help="accuracy: recipes/bench/<name>.yaml")
+    p.add_argument("--quick", action="store_true", help="accuracy: one seed, tiny budget (CI)")
+    p.add_argument("--seeds", type=int, help="accuracy: number of seeds (default: the file's)")
+    p.add_argument("--out", help="accuracy: output folder (default runs/bench-<dataset>)")
+    p.add_argument("--methods", nargs="+", help="accuracy: only these rows")
+    p.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="kernels/models: options of that benchmark (see --help after it)",
+    )
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="Markdown report with plots for a run or bench folder")
+    p.add_argument("run")
+    p.add_argument("-o", "--output", help="default: RUN/report.md")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list the registered quantisation methods")
     p.set_defaults(func=cmd_methods)

@@ -36,12 +36,13 @@ from torch import nn
 
 from ..convert import quantize
 from ..data import list_datasets, load_dataset
+from ..model_summary import summary
 from ..models import create_model, list_models
 from ..recipe import Recipe, RecipeError, read_mapping
-from ..summary import summary
 from .checkpoint import load_checkpoint, model_state
 from .config import TrainConfig
 from .distributed import is_main_process
+from .health import QuantHealthCallback
 from .trainer import Trainer
 
 EXPERIMENT_KEYS = (
@@ -252,8 +253,17 @@ def run_experiment(
             quantize(model, exp.quant)
         phase_dir = run_dir / phase
         console.rule(f"[bold]{exp.name}: {phase} phase ({config.epochs} epochs)")
+        # The quantised phase warns about dead layers (all-zero codes, collapsed activations).
+        callbacks = [QuantHealthCallback(console=console)] if phase == "qat" else []
         trainer = Trainer(
-            model, data.train, data.val, config, phase_dir, test_set=data.test, console=console
+            model,
+            data.train,
+            data.val,
+            config,
+            phase_dir,
+            test_set=data.test,
+            console=console,
+            callbacks=callbacks,
         )
         done = Path(phase_dir / "metrics.json")
         if resume and done.exists():

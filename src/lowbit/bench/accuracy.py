@@ -1,0 +1,474 @@
+"""``lowbit bench accuracy``: every method on one model and dataset, the same budget, n seeds.
+
+Per seed the float32 model is trained once (``pretrain``); every row then starts from that
+checkpoint and gets the same fine-tune budget (``train.epochs``): float32 keeps training in
+float, each QAT method quantises and fine-tunes (as LSQ and TTQ do), and the post-training
+baselines quantise the float32 row's final model with a few calibration batches and no
+training. The best epoch on the validation split (carved from the training set) is kept; the
+test split is only ever evaluated. The output folder::
+
+    OUT/bench.yaml                    the effective bench configuration
+    OUT/seed<k>/pretrain/             the float32 pre-training run of seed k
+    OUT/seed<k>/<method>/             one lowbit run folder per row (``lowbit report`` reads it)
+    OUT/timing.json                   QAT step-time overheads (measured once, on seed 0)
+    OUT/results.{json,csv,md}         the table (see :mod:`lowbit.bench.table`)
+
+A finished sub-run (its ``results.json`` exists) is not run again, so an interrupted bench
+continues where it stopped when started again with the same ``out``. ``compute_time_s`` in the
+results adds up the time of every part (pre-training, each row, the timing measurement), so it
+is what the whole bench costs from scratch even when it ran in several sessions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..convert import quantize
+from ..data import load_dataset
+from ..models import create_model
+from ..model_summary import summary
+from ..train.checkpoint import save_checkpoint
+from ..train.config import TrainConfig
+from ..train.experiment import Experiment, final_checkpoint, load_run, load_weights
+from ..train.health import QuantHealthCallback, check_health, first_batch, weight_zero_counts
+from ..train.trainer import Trainer, evaluate
+from .config import FLOAT32, BenchConfig, BenchConfigError, BenchMethod, load_bench
+from .machine import machine_info
+from .ptq import apply_ptq, ptq_recipe
+from .table import aggregate, check_goals, print_table, write_tables
+from .timing import step_time_overheads
+
+RESULTS = "results.json"
+EVAL_BATCH = 256
+HEALTH_BATCH = 256
+
+
+@dataclass
+class BenchData:
+    """One seed's splits (subsets in quick mode) and what the model needs to know of them."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    name: str
+
+
+def run_accuracy_bench(
+    dataset: str = "mnist5k",
+    *,
+    config: str | Path | Mapping[str, Any] | None = None,
+    quick: bool = False,
+    seeds: int | None = None,
+    out: str | Path | None = None,
+    methods: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the accuracy bench and write its table; returns the content of ``results.json``.
+
+    Args:
+        dataset: the bench ``recipes/bench/<dataset>.yaml`` (``mnist5k``, ``cifar10``).
+        config: a bench file or mapping instead of ``dataset``'s.
+        quick: the CI mode -- one seed, one epoch per phase on small subsets; every row is
+            produced, the figures mean nothing.
+        seeds: number of seeds (0, 1, ...); default the bench's (3). Overrides quick's 1.
+        out: output folder (default ``runs/bench-<name>[-quick]``).
+        methods: only these rows (float32 is always kept: the deltas need it).
+        console: where progress and the table are printed.
+    """
+    console = console or Console()
+    bench = load_bench(config if config is not None else dataset)
+    if methods:
+        bench = bench.select(methods)
+    if quick:
+        bench = bench.as_quick()
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+        bench = replace(bench, seeds=seeds)
+    out = Path(out) if out is not None else Path("runs") / default_folder(bench)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out / "bench.yaml", bench)
+    (out / "bench.yaml").write_text(yaml.safe_dump(bench.to_dict(), sort_keys=False))
+    start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    timing: dict[str, Any] = {}
+    pretrain_s = 0.0
+    for seed in range(bench.seeds):
+        console.rule(f"[bold]bench {bench.name}: seed {seed + 1} of {bench.seeds}")
+        seed_runs, seed_timing, seconds = run_seed(bench, seed, out / f"seed{seed}", out, console)
+        runs += seed_runs
+        timing = timing or seed_timing
+        pretrain_s += seconds
+    rows = aggregate(bench, runs, timing["rows"])
+    compute_s = pretrain_s + timing["measure_s"] + sum(r["wall_time_s"] for r in runs)
+    device = bench.train.resolve_device()
+    results = {
+        "bench": bench.name,
+        "description": bench.description,
+        "quick": bench.quick,
+        "seeds": bench.seeds,
+        "model": dict(bench.model),
+        "data": dict(bench.data),
+        "budget": {"pretrain_epochs": bench.pretrain.epochs, "train_epochs": bench.train.epochs},
+        "machine": machine_info(device),
+        "compute_time_s": compute_s,
+        "timing_load_average": timing.get("load_average"),
+        "session_time_s": time.perf_counter() - start,
+        "rows": rows,
+        "goals": check_goals(bench, rows),
+        "runs": runs,
+        "notes": bench.notes,
+    }
+    write_tables(out, results)
+    print_table(results, console)
+    return results
+
+
+def default_folder(bench: BenchConfig) -> str:
+    return f"bench-{bench.name}" + ("-quick" if bench.quick else "")
+
+
+SHARED_KEYS = (
+    "model",
+    "data",
+    "pretrain",
+    "train",
+    "mode",
+    "train_samples",
+    "eval_samples",
+    "calibration_batches",
+)
+
+
+def check_resumable(previous: Path, bench: BenchConfig) -> None:
+    """Refuse to reuse the finished sub-runs of a different bench configuration.
+
+    Seeds and the set of rows may change between runs in one folder (more seeds, more rows);
+    the shared settings and the settings of every row present in both may not.
+    """
+    if not previous.is_file():
+        return
+    old = yaml.safe_load(previous.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(bench.to_dict()))
+    changed = [k for k in SHARED_KEYS if old.get(k) != new.get(k)]
+    old_methods, new_methods = old.get("methods", {}), new["methods"]
+    changed += [
+        f"methods.{m}" for m in new_methods if m in old_methods and old_methods[m] != new_methods[m]
+    ]
+    if changed:
+        raise BenchConfigError(
+            f"{previous.parent} holds a bench run with other settings ({', '.join(changed)}); "
+            "its finished rows would be reused: pass another out folder or delete it"
+        )
+
+
+# -- one seed --------------------------------------------------------------------------------
+def run_seed(
+    bench: BenchConfig, seed: int, seed_dir: Path, out: Path, console: Console
+) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Pretrain, then every row; seed 0 also measures the step-time overheads.
+
+    Returns the rows' results, the timing (seed 0, else empty) and the pre-training seconds.
+    """
+    data = bench_data(bench, seed)
+    pretrained, pretrain_s = pretrain(bench, seed, data, seed_dir / "pretrain", console)
+    runs = []
+    for method in bench.methods:
+        run_dir = seed_dir / method.name
+        done = run_dir / RESULTS
+        if done.exists():
+            runs.append(json.loads(done.read_text()))
+            continue
+        console.rule(f"{bench.name} seed {seed}: {method.name}")
+        if method.kind == "ptq":
+            runs.append(run_ptq(bench, method, seed, data, seed_dir, console))
+        else:
+            runs.append(run_training(bench, method, seed, data, pretrained, run_dir, console))
+    timing: dict[str, Any] = {}
+    if seed == 0:
+        timing = overheads(bench, data, pretrained, out / "timing.json", console)
+    return runs, timing, pretrain_s
+
+
+def bench_data(bench: BenchConfig, seed: int) -> BenchData:
+    """The seed's splits; in quick mode seeded subsets of ``train_samples`` / ``eval_samples``."""
+    options = {k: v for k, v in bench.data.items() if k != "name"}
+    splits = load_dataset(bench.data["name"], seed=seed, **options)
+    generator = torch.Generator().manual_seed(seed)
+
+    def cut(ds: Dataset, n: int | None) -> Dataset:
+        if n is None or n >= len(ds):  # type: ignore[arg-type]
+            return ds
+        return Subset(ds, torch.randperm(len(ds), generator=generator)[:n].tolist())  # type: ignore[arg-type]
+
+    return BenchData(
+        train=cut(splits.train, bench.train_samples),
+        val=cut(splits.val, bench.eval_samples),
+        test=cut(splits.test, bench.eval_samples),
+        num_classes=splits.num_classes,
+        in_shape=splits.in_shape,
+        name=splits.name,
+    )
+
+
+def _experiment(
+    bench: BenchConfig, name: str, train: TrainConfig, quant: Any, seed: int, description: str
+) -> Experiment:
+    return Experiment(
+        name=f"{bench.name}-{name}-seed{seed}",
+        description=description,
+        model=dict(bench.model),
+        data=dict(bench.data),
+        train=train,
+        pretrain=None if quant is None else bench.pretrain_config(seed),
+        quant=quant,
+    )
+
+
+def _write_run_files(run_dir: Path, exp: Experiment, data: BenchData) -> None:
+    """``experiment.yaml`` and ``run.json``: what :func:`load_run` needs to rebuild the model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    info = {
+        "num_classes": data.num_classes,
+        "in_shape": list(data.in_shape),
+        "dataset": data.name,
+        "lowbit_run": 1,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def pretrain(
+    bench: BenchConfig, seed: int, data: BenchData, run_dir: Path, console: Console
+) -> tuple[nn.Module, float]:
+    """The seed's float32 model, trained with ``pretrain`` (or reloaded if already trained),
+    and the seconds its training took."""
+    options = {k: v for k, v in bench.model.items() if k != "name"}
+    model = create_model(bench.model["name"], data.num_classes, data.in_shape, seed=seed, **options)
+    phase_dir = run_dir / "fp"
+    if not (phase_dir / "metrics.json").exists():
+        cfg = bench.pretrain_config(seed)
+        exp = _experiment(bench, "pretrain", cfg, None, seed, "float32 pre-training")
+        _write_run_files(run_dir, exp, data)
+        console.rule(f"{bench.name} seed {seed}: float32 pre-training ({cfg.epochs} epochs)")
+        Trainer(model, data.train, data.val, cfg, phase_dir, console=console).fit()
+    load_weights(model, final_checkpoint(phase_dir))
+    return model, json.loads((phase_dir / "metrics.json").read_text())["wall_time_s"]
+
+
+def run_training(
+    bench: BenchConfig,
+    method: BenchMethod,
+    seed: int,
+    data: BenchData,
+    pretrained: nn.Module,
+    run_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    """Fine-tune a copy of ``pretrained``: in float (float32 row) or quantised (QAT rows)."""
+    started = time.perf_counter()
+    cfg = bench.train_config(method, seed)
+    model = copy.deepcopy(pretrained)
+    callbacks = []
+    if method.recipe is not None:
+        quantize(model, method.recipe)
+        callbacks.append(QuantHealthCallback(data.val, batch_size=HEALTH_BATCH, console=console))
+    description = f"bench row {method.name}: fine-tuned from the seed's float32 model"
+    _write_run_files(
+        run_dir, _experiment(bench, method.name, cfg, method.recipe, seed, description), data
+    )
+    phase_dir = run_dir / ("fp" if method.recipe is None else "qat")
+    trainer = Trainer(
+        model, data.train, data.val, cfg, phase_dir, console=console, callbacks=callbacks
+    )
+    metrics = trainer.fit()
+    load_weights(model, final_checkpoint(phase_dir))
+    extra = {
+        "epochs": metrics["epochs"],
+        "train_time_s": metrics["wall_time_s"],
+        "mean_step_time_ms": metrics["mean_step_time_ms"],
+    }
+    return finish_run(run_dir, method, seed, model, data, cfg.resolve_device(), extra, started)
+
+
+def calibration_batches(data: BenchData, cfg: TrainConfig, count: int, seed: int) -> list[Tensor]:
+    """``count`` training batches (inputs only) in a seeded random order."""
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    batches = []
+    for x, _ in loader:
+        batches.append(x)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def run_ptq(
+    bench: BenchConfig,
+    method: BenchMethod,
+    seed: int,
+    data: BenchData,
+    seed_dir: Path,
+    console: Console,
+) -> dict[str, Any]:
+    """Quantise the float32 row's final model with a PTQ baseline; saved as a run folder."""
+    started = time.perf_counter()
+    assert method.ptq is not None
+    cfg = bench.train_config(bench.method(FLOAT32), seed)
+    _, model, _ = load_run(seed_dir / FLOAT32)
+    device = cfg.resolve_device()
+    model.to(device)
+    batches = calibration_batches(data, cfg, bench.calibration_batches, seed)
+    apply_ptq(method.ptq, model, batches, seed=seed)
+    run_dir = seed_dir / method.name
+    description = (
+        f"post-training {method.ptq} quantisation of the float32 row, "
+        f"{len(batches)} calibration batches, no training"
+    )
+    exp = _experiment(bench, method.name, cfg, ptq_recipe(method.ptq), seed, description)
+    _write_run_files(run_dir, exp, data)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    meta = {"ptq": method.ptq, "calibration_batches": len(batches), "epoch": 0}
+    save_checkpoint(run_dir / "qat" / "checkpoints" / "best", tensors, meta)
+    console.print(f"{method.name}: calibrated on {len(batches)} batches")
+    return finish_run(run_dir, method, seed, model, data, device, {"epochs": 0}, started)
+
+
+# -- measurements ----------------------------------------------------------------------------
+def bits_w_a(model: nn.Module) -> tuple[int, int]:
+    """The weight and activation bits of the inner layers (first and last layer excluded).
+
+    The most common pair over the inner layers (all layers when there are at most two);
+    float is 32 bits.
+    """
+    rows = summary(model, show=False).layers
+    inner = rows[1:-1] if len(rows) > 2 else rows
+    pairs = Counter((r.weight_bits, r.act_bits or 32) for r in inner)
+    return pairs.most_common(1)[0][0]
+
+
+def model_size(
+    model: nn.Module, path: Path, in_shape: tuple[int, int, int]
+) -> tuple[int, str, str | None]:
+    """``(bytes, source, error)``: the size of the ``.lowbit`` file ``lowbit.export`` writes
+    (``source`` ``"export"``), else -- no exporter, or it refused this model (``error`` says
+    why) -- ``lowbit.summary``'s size in bytes (``"summary"``)."""
+    try:
+        from ..export import export
+    except ImportError as err:
+        error = f"no exporter: {err}"
+    else:
+        try:
+            export(model, path, example_input=in_shape)
+            return path.stat().st_size, "export", None
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
+            error = f"export failed: {err}"
+    return math.ceil(summary(model, show=False).size_bits / 8), "summary", error
+
+
+def sparsity(model: nn.Module) -> float | None:
+    """Share of exactly-zero quantised weights over all quantised layers (None if none)."""
+    counts = weight_zero_counts(model)
+    total = sum(n for _, n in counts.values())
+    return None if total == 0 else sum(z for z, _ in counts.values()) / total
+
+
+def finish_run(
+    run_dir: Path,
+    method: BenchMethod,
+    seed: int,
+    model: nn.Module,
+    data: BenchData,
+    device: torch.device,
+    extra: Mapping[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Evaluate and measure the row's final model; write and return its ``results.json``
+    (``wall_time_s``: seconds since ``started``, a ``time.perf_counter()`` reading)."""
+    model.to(device).eval()
+
+    def acc(ds: Dataset) -> float:
+        return evaluate(model, DataLoader(ds, batch_size=EVAL_BATCH), device=device)["acc"]
+
+    size, source, size_error = model_size(model, run_dir / "model.lowbit", data.in_shape)
+    bits_w, bits_a = bits_w_a(model)
+    issues = check_health(model, first_batch(data.val, HEALTH_BATCH).to(device))
+    result = {
+        "method": method.name,
+        "kind": method.kind,
+        "seed": seed,
+        "bits_w": bits_w,
+        "bits_a": bits_a,
+        "val_acc": acc(data.val),
+        "test_acc": acc(data.test),
+        "size_bytes": size,
+        "size_source": source,
+        "size_error": size_error,
+        "sparsity": None if method.kind == "float" else sparsity(model),
+        "health": [i.message for i in issues],
+        **extra,
+    }
+    result["wall_time_s"] = time.perf_counter() - started
+    (run_dir / RESULTS).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def overheads(
+    bench: BenchConfig, data: BenchData, pretrained: nn.Module, file: Path, console: Console
+) -> dict[str, Any]:
+    """``{"rows": {name: {"step_ms", "overhead"}}, "measure_s": seconds, "load_average": 1-min
+    load average after measuring}``, from ``file`` if it has every trained row, else measured
+    anew (and written there). The load average tells how busy the machine was."""
+    if file.exists():
+        timing = json.loads(file.read_text())
+        if {m.name for m in bench.methods if m.kind != "ptq"} <= set(timing.get("rows", {})):
+            return timing
+    console.print("measuring QAT step-time overheads")
+    started = time.perf_counter()
+    rows = measure_overheads(bench, data, pretrained)
+    timing = {
+        "rows": rows,
+        "measure_s": time.perf_counter() - started,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    file.write_text(json.dumps(timing, indent=2) + "\n")
+    return timing
+
+
+def measure_overheads(
+    bench: BenchConfig, data: BenchData, pretrained: nn.Module
+) -> dict[str, dict[str, float]]:
+    """Step-time overhead of every trained row over float32, on one batch of training data."""
+    cfg = bench.train_config(bench.method(FLOAT32), 0)
+    device = cfg.resolve_device()
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, shuffle=False)
+    x, y = next(iter(loader))
+    builders = {
+        m.name: (lambda model, r=m.recipe: quantize(model, r))
+        for m in bench.methods
+        if m.kind == "qat"
+    }
+    return step_time_overheads(
+        pretrained, builders, x.to(device), y.to(device), cfg, bench.timing_steps
+    )

@@ -1,0 +1,61 @@
+"""The machine a bench ran on, for the results table and ``docs/RESULTS.md``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+import lowbit
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name", else /proc/cpuinfo, else platform)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.strip().startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU model, cores, torch threads, accelerator, library versions and the date (UTC)."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "lowbit": lowbit.__version__,
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One line: ``Intel Xeon ..., 2 cores (2 torch threads), torch 2.x, CPU only``."""
+    where = f"GPU {info['gpu']}" if info.get("gpu") else "CPU only"
+    threads = info["torch_threads"]
+    return (
+        f"{info['cpu']}, {info['cores']} cores ({threads} torch thread"
+        f"{'' if threads == 1 else 's'}), "
+        f"torch {info['torch']}, Python {info['python']}, {where}; {info['date']}"
+    )
