@@ -212,12 +212,16 @@ def test_trained_affine_lenet5_agrees_on_mnist5k(tmp_path: Path) -> None:
     model.eval()
     path = tmp_path / "lenet5.onnx"
     export_onnx(model, path, x_test[:1])
+    exact = onnx_agreement(model, path, x_test, graph_optimization=False)
     r = onnx_agreement(model, path, x_test)
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == data.test.labels).float().mean().item()
-    print(f"trained affine lenet5 on mnist5k test: {r}, accuracy {accuracy:.3f}")
+    print(f"trained affine lenet5 on mnist5k test: {r} (unoptimised {exact}), acc {accuracy:.3f}")
     assert accuracy > 0.85
-    assert r["top1_agreement"] == 1.0
+    assert exact["top1_agreement"] == 1.0
+    # ORT's optimiser reorders float sums (and its thread count changes the order), which can move
+    # a value sitting on a rounding boundary by one code: allow 2 images in 1000.
+    assert r["top1_agreement"] >= 0.998
 
 
 def test_export_onnx_run(tmp_path: Path) -> None:
