@@ -103,14 +103,15 @@ class ConvBnAct(nn.Module):
 
         A channel with ``gamma = 0`` (e.g. zero-initialised residual BN) would make ``s = 0`` and
         the division NaN; such channels use ``s = 1`` here (their output is ``beta`` either way).
+
+        The division by ``s`` is applied to the (small) quantised weight rather than to the conv
+        output: ``conv(x, fq(w s)) / s = conv(x, fq(w s) / s)`` by linearity, with the same
+        gradients, and it saves a pass over the activation in forward and three in backward.
         """
         s = self._bn_scale()
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        w = self._quantize_weight(self.conv.weight * s.reshape(-1, 1, 1, 1))
-        y = self.conv._conv_forward(x, w, None) / s.reshape(1, -1, 1, 1)
-        if self.conv.bias is not None:
-            y = y + self.conv.bias.reshape(1, -1, 1, 1)
-        return self.bn(y)
+        s = torch.where(s == 0, torch.ones_like(s), s).reshape(-1, 1, 1, 1)
+        w = self._quantize_weight(self.conv.weight * s) / s
+        return self.bn(self.conv._conv_forward(x, w, self.conv.bias))
 
     def _forward_frozen(self, x: Tensor) -> Tensor:
         w_fold, b_fold = self.folded_weight_bias()

@@ -29,7 +29,6 @@ from .functional import (
     rowwise_dot,
     signed_bounds,
     static_runtime_spec,
-    uniform_codes,
     uniform_grid_codes,
 )
 from .registry import ROLES, register
@@ -50,24 +49,26 @@ class _LSQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, v: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
-        ctx.save_for_backward(v, s)
-        ctx.bounds = (qn, qp)  # type: ignore[attr-defined]
-        return uniform_codes(v, 1.0 / s, -qn, qp).mul_(s)
+        # codes as uniform_codes computes them (same ops, bit for bit), keeping round(q) and
+        # forming backward's terms here rather than re-deriving q and the clip in backward
+        q = v * (1.0 / s)
+        r = q.round()
+        rc = r.clamp(-qn, qp)
+        inside = (r == rc).to(q.dtype)
+        ds = None
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            # inside: round(q) - q = rc - q; outside: rc (-QN or QP). q clipped one level beyond
+            # the range stays finite (so 0 * q = 0), and inside-ness is unchanged.
+            ds = rc - q.clamp_(-qn - 1, qp + 1).mul_(inside)
+        ctx.save_for_backward(inside, ds, s)
+        return rc.mul_(s)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        v, s = ctx.saved_tensors
-        qn, qp = ctx.bounds
-        # q clipped one level beyond the range: stays finite, and inside-ness is unchanged
-        q = (v * (1.0 / s)).clamp_(-qn - 1, qp + 1)
-        r = q.round()
-        rc = r.clamp(-qn, qp)
-        inside = (r == rc).to(q.dtype)
+        inside, ds, s = ctx.saved_tensors
         grad_v = g * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:  # inside: round(q) - q = rc - q; outside: rc (-QN or QP)
-            grad_s = rowwise_dot(rc.sub_(q.mul_(inside)), g, s)
+        grad_s = rowwise_dot(ds, g, s) if ctx.needs_input_grad[1] else None
         return grad_v, grad_s, None, None
 
 
