@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..convert import quantize
 from ..data import load_dataset
-from ..models import create_model
 from ..model_summary import summary
+from ..models import create_model
 from ..train.checkpoint import save_checkpoint
 from ..train.config import TrainConfig
 from ..train.experiment import Experiment, final_checkpoint, load_run, load_weights

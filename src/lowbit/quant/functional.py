@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from numbers import Real
@@ -209,10 +210,8 @@ class SeededRandom:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
             if self._saved_state is not None:
-                try:
+                with contextlib.suppress(RuntimeError):  # a state saved on another device kind
                     self._generator.set_state(self._saved_state)
-                except RuntimeError:  # a state saved on another kind of device
-                    pass
                 self._saved_state = None
         return self._generator
 

@@ -1,13 +1,15 @@
 """Run an inference :class:`~lowbit.runtime.graph.Graph` on the CPU with numpy (no torch).
 
-:class:`Model` executes the graph node by node in float32 and reproduces the fake-quant PyTorch
-model's evaluation outputs *to float tolerance*. Every quantiser is applied as the training code
-applies it: the same codes bit for bit (static grids multiply by the file's float32
-``inv_scale``, as PyTorch does, before rounding half to even) and the same float32 scales; only
-the order of the sums differs (BLAS / popcount kernels instead of PyTorch's convolution), so a
-layer's output differs by a few float32 ulps. Rarely such a difference moves a value across a
-rounding or sign boundary of the next quantiser, changing one code by one step, and the change
-propagates. The tolerance, as the tests check it:
+:class:`Model` executes the graph in float32 between layers (a whole forward pass runs the
+compiled :class:`~lowbit.runtime.program.Program`: channels-last activations, packed sign bits
+between binary layers; :meth:`Model.run_node` evaluates one node, with the same values) and
+reproduces the fake-quant PyTorch model's evaluation outputs *to float tolerance*. Every
+quantiser is applied as the training code applies it: the same codes bit for bit (static grids
+multiply by the file's float32 ``inv_scale``, as PyTorch does, before rounding half to even)
+and the same float32 scales; only the order of the sums differs (BLAS / popcount kernels
+instead of PyTorch's convolution), so a layer's output differs by a few float32 ulps. Rarely
+such a difference moves a value across a rounding or sign boundary of the next quantiser,
+changing one code by one step, and the change propagates. The tolerance, as the tests check it:
 
 * layer by layer (each node fed PyTorch's own input): ``|out - ref| <= 1e-5 max|ref|``;
 * end to end: at least 97 % of the logits within ``1e-4 max|ref|`` on random inputs (all of them
@@ -29,10 +31,10 @@ Layers pick a kernel by their weight spec and input quantiser (:func:`plan_layer
 * everything else: the codes dequantised once at load time and a float32 GEMM on the
   fake-quantised input.
 
-Zero padding of a convolution whose input is binarised: PyTorch pads the *quantised* input with
-zeros, which are not ``+-1``. The packed kernels see padded positions as ``+1`` (``sign(0) = +1``),
-so the contribution of the padding, ``sum_{k padded} w_k``, is precomputed per output position
-at load time and subtracted from the integer dot products: the result is exact.
+Layers on sign inputs run on :class:`~lowbit.runtime.packed.PackedGemm`: im2col on the packed
+bits of the input (channels last), with the channel-padding bits and PyTorch's zero padding of
+the *quantised* input (zeros, which are not ``+-1``) corrected with integers tabulated at load
+time, so the integer dots are exact (see :mod:`lowbit.runtime.packed`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from numpy.typing import NDArray
 from . import kernels
 from .graph import Graph, GraphError, Node
 from .integer import IntegerProgram, compile_integer
+from .packed import Bits, PackedGemm, ThresholdPlan, pack_activation
 
 ENGINES = ("float", "integer", "auto")
 
@@ -72,6 +75,8 @@ MAX_ACTIVATION_ELEMENTS = 2**26
 """Largest number of elements one sample may have at any node (graph validation refuses more)."""
 IM2COL_CHUNK_ELEMENTS = 2**22
 """Convolutions unfold at most about this many input patch elements at a time."""
+MAX_PATCH_INDEX = 2**18
+"""Largest im2col gather table (one index a patch element of one sample) a float conv keeps."""
 MAX_PADDING_TABLE = 2**24
 """Largest padding-correction table (elements) a packed convolution precomputes at load time."""
 MAX_ATTR = 2**16
@@ -316,24 +321,69 @@ class Conv:
             _out_size(node, w, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1]),
         )
 
-    def windows(self, x: NDArray[Any], pad_value: float = 0) -> NDArray[Any]:
-        """``[N, C, OH, OW, kh, kw]`` view of the (padded) windows of ``x [N, C, H, W]``."""
+    def windows(
+        self, x: NDArray[Any], pad_value: float = 0, channels_last: bool = False
+    ) -> NDArray[Any]:
+        """The (padded) windows of ``x``: a ``[N, C, OH, OW, kh, kw]`` view of ``x [N, C, H, W]``,
+        or ``[N, OH, OW, C, kh, kw]`` of a channels-last ``x [N, H, W, C]``."""
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
             self.kernel,
             self.stride,
             self.padding,
             self.dilation,
         )
+        hw = (1, 2) if channels_last else (2, 3)
         if ph or pw:
-            x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+            pads = [(0, 0)] * 4
+            pads[hw[0]], pads[hw[1]] = (ph, ph), (pw, pw)
+            x = np.pad(x, pads, constant_values=pad_value)
         span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
-        return sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+        win = sliding_window_view(x, span, axis=hw)
+        if channels_last:
+            return win[:, ::sh, ::sw, :, ::dh, ::dw]
+        return win[:, :, ::sh, ::sw, ::dh, ::dw]
 
-    def im2col(self, x: NDArray[Any], pad_value: float = 0) -> NDArray[Any]:
-        """Patches ``[N OH OW, C kh kw]``, columns in the ``(c, i, j)`` order of a conv weight."""
-        win = self.windows(x, pad_value)
-        n, c, oh, ow, kh, kw = win.shape
-        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+    def im2col(self, x: NDArray[Any]) -> NDArray[Any]:
+        """Patches ``[N OH OW, C kh kw]`` of a channels-last ``x [N, H, W, C]`` (zero padded),
+        columns in the ``(c, i, j)`` order of a conv weight (:meth:`patches` is faster)."""
+        win = self.windows(x, 0, channels_last=True)
+        n, oh, ow, c, kh, kw = win.shape
+        return win.reshape(n * oh * ow, c * kh * kw)
+
+    def tap_indices(self, h: int, w: int) -> NDArray[np.intp]:
+        """``[OH OW, kh kw]``: for each output position (row-major) and kernel tap ``(i, j)``,
+        the flat index of the pixel it reads in the zero-padded ``[H + 2 ph, W + 2 pw]`` input."""
+        (oh, ow), (kh, kw) = self.out_hw(None, h, w), self.kernel  # type: ignore[arg-type]
+        y, x = np.divmod(np.arange(oh * ow), ow)
+        i, j = np.divmod(np.arange(kh * kw), kw)
+        rows = y[:, None] * self.stride[0] + i[None, :] * self.dilation[0]
+        cols = x[:, None] * self.stride[1] + j[None, :] * self.dilation[1]
+        return (rows * (w + 2 * self.padding[1]) + cols).astype(np.intp)
+
+    def padded(self, x: NDArray[Any], out: NDArray[Any] | None = None) -> NDArray[Any]:
+        """Channels-last ``x [N, H, W, C]`` zero padded to ``[N, H + 2 ph, W + 2 pw, C]``
+        (written into ``out``, whose border must be zero, when given)."""
+        (ph, pw), (n, h, w, c) = self.padding, x.shape
+        if out is None:
+            out = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
+        out[:, ph : ph + h, pw : pw + w] = x
+        return out
+
+    def patches(self, x: NDArray[Any], index: NDArray[np.intp]) -> NDArray[Any]:
+        """im2col by one gather: ``x [N, H, W, C]`` channels last, ``index`` ``[OH OW, C kh kw]``
+        flat element indices into the padded sample (:func:`patch_index`); ``[N OH OW, C kh kw]``.
+        """
+        src = self.padded(x) if any(self.padding) else np.ascontiguousarray(x)
+        out = np.empty((x.shape[0], *index.shape), dtype=x.dtype)
+        np.take(src.reshape(x.shape[0], -1), index, axis=1, out=out, mode="clip")
+        return out.reshape(-1, index.shape[1])
+
+
+def patch_index(conv: Conv, c: int, h: int, w: int) -> NDArray[np.intp]:
+    """``[OH OW, C kh kw]`` flat indices into a padded channels-last sample ``[Hp, Wp, C]`` of
+    the patch elements, columns in the ``(c, i, j)`` order of a conv weight."""
+    pix = conv.tap_indices(h, w)
+    return (pix[:, None, :] * c + np.arange(c)[None, :, None]).reshape(pix.shape[0], -1)
 
 
 def _conv_geometry(node: Node, weight_shape: Sequence[int]) -> Conv:
@@ -565,41 +615,24 @@ def infer_shapes(graph: Graph) -> dict[str, Shape]:
 
 
 # ============================================================================= layers
-class _Dots(NamedTuple):
-    """Integer weight matrices of a packed layer and the float scale of each."""
-
-    words: list[tuple[NDArray[np.uint64], NDArray[np.uint64] | None]]  # sign planes per GEMM
-    codes: list[NDArray[np.int8]]  # int8 matrices per GEMM (the same GEMMs)
-    scales: list[NDArray[np.float32]]  # per output channel scale of each GEMM
-
-
 def _per_channel(spec: dict[str, Any], key: str, out: int) -> NDArray[np.float32]:
     """A spec scale as a float32 vector over the output channels (axis 0 or per tensor)."""
     v = _arr(spec[key]).reshape(-1)
     return np.broadcast_to(v, (out,)).astype(F32) if v.size in (1, out) else v
 
 
-def _binary_dots(codes: NDArray[np.int8], spec: dict[str, Any]) -> _Dots:
-    """Binary weights: one GEMM of the sign words, scale ``alpha``."""
-    out = codes.shape[0]
-    words = kernels.pack_signs(codes.astype(F32))
-    return _Dots([(words, None)], [codes], [_per_channel(spec, "scale", out)])
-
-
-def _ternary_dots(codes: NDArray[np.int8], spec: dict[str, Any]) -> _Dots:
-    """Ternary weights: ``Wp (a . 1{t=+1}) - Wn (a . 1{t=-1})``, or one GEMM when symmetric."""
+def weight_gemms(
+    codes: NDArray[np.int8], spec: dict[str, Any]
+) -> list[tuple[NDArray[np.int8], NDArray[np.float32]]]:
+    """A binary or ternary weight as integer GEMMs: ``(matrix, per-channel scale)`` pairs whose
+    scaled sum is the dequantised weight. Binary: ``(codes, alpha)``; ternary: ``(codes, Wp)``,
+    or ``Wp 1{t=+1} - Wn 1{t=-1}`` as two GEMMs when ``Wp != Wn`` (TTQ)."""
     out = codes.shape[0]
     wp = _per_channel(spec, "scale", out)
-    pos, neg = kernels.ternary_planes(codes)
-    if spec.get("scale_neg") is None:
-        return _Dots([(pos, neg)], [codes], [wp])
+    if spec["scheme"] == "binary" or spec.get("scale_neg") is None:
+        return [(codes, wp)]
     wn = _per_channel(spec, "scale_neg", out)
-    zero = np.zeros_like(pos)
-    return _Dots(
-        [(pos, zero), (neg, zero)],
-        [(codes == 1).astype(np.int8), (codes == -1).astype(np.int8)],
-        [wp, -wn],
-    )
+    return [((codes == 1).astype(np.int8), wp), ((codes == -1).astype(np.int8), -wn)]
 
 
 def _int8_input(iq: dict[str, Any] | None) -> bool:
@@ -652,7 +685,12 @@ def plan_layer(node: Node, in_shape: Shape, out_shape: Shape) -> str:
 
 
 class Layer:
-    """A conv2d/linear node prepared for execution: weights decoded once, kernel chosen."""
+    """A conv2d/linear node prepared for execution: weights decoded once, kernel chosen.
+
+    Convolutions work channels last (:meth:`forward`: ``[N, H, W, C]`` in, ``[N, OH, OW, O]``
+    out); calling the layer takes and gives the graph's ``[N, C, H, W]`` layout. Packed kinds
+    (``binary``, ``ternary_sign``) run on a :class:`~lowbit.runtime.packed.PackedGemm`.
+    """
 
     def __init__(self, node: Node, in_shape: Shape, out_shape: Shape) -> None:
         if node.weight_spec is not None:
@@ -674,102 +712,130 @@ class Layer:
         self.conv = _conv_geometry(node, weight.shape) if node.op == "conv2d" else None
         self.groups = int(node.attrs.get("groups", 1))
         self.k = math.prod(weight.shape[1:])
-        self.pad_dots: list[NDArray[np.int64]] | None = None
+        self.packed: PackedGemm | None = None
+        in_chw = None if self.conv is None else (in_shape[1], in_shape[2], in_shape[3])
+        self.patch_index = None
+        gemm_input = self.kind in ("float", "ternary_int8")
+        gather = self.conv is not None and self.groups == 1 and gemm_input
+        if gather and math.prod(out_shape[2:]) * self.k <= MAX_PATCH_INDEX:
+            self.patch_index = patch_index(self.conv, *in_chw)  # type: ignore[misc]
         if self.kind == "float":
             self.weight = weight.reshape(self.out_channels, -1)
             return
-        codes = np.asarray(node.weight_codes).astype(np.int8).reshape(self.out_channels, -1)
-        make = _binary_dots if node.weight_spec["scheme"] == "binary" else _ternary_dots
-        self.dots = make(codes, node.weight_spec)
-        if self.kind != "ternary_int8" and self.conv is not None and any(self.conv.padding):
-            self.pad_dots = self._padding_dots(in_shape)
-
-    def _padding_dots(self, in_shape: Shape) -> list[NDArray[np.int32]]:
-        """``sum_{k padded at p} w_k`` for each output position ``p`` and GEMM: what the packed
-        kernels add for padded inputs seen as ``+1`` (PyTorch pads with 0).
-
-        Whether a tap falls into the padding depends only on the position and the kernel offset
-        ``(i, j)``, not on the channel, so this is ``P @ S^T`` with ``P [OH OW, kh kw]`` the
-        padding indicator and ``S [O, kh kw]`` the weights summed over input channels.
-        """
-        assert self.conv is not None
-        ones = np.ones((1, 1, *in_shape[2:]), dtype=F32)
-        padded = F32(1) - self.conv.im2col(ones, pad_value=0)  # [OH OW, kh kw]
-        taps = padded.shape[1]
-        return [
-            np.rint(padded @ c.reshape(c.shape[0], -1, taps).sum(axis=1).astype(F32).T).astype(
-                np.int32
-            )
-            for c in self.dots.codes
-        ]
+        codes = np.asarray(node.weight_codes).astype(np.int8)
+        gemms = weight_gemms(codes, node.weight_spec)
+        if self.kind == "ternary_int8":
+            self.gemms = [(m.reshape(self.out_channels, -1), s) for m, s in gemms]
+            return
+        binary = node.weight_spec["scheme"] == "binary"
+        self.packed = PackedGemm(gemms, binary, self.bias, self.conv, in_chw)  # type: ignore[arg-type]
 
     # -- execution ---------------------------------------------------------------------------
     def __call__(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        if self.kind == "float":
-            x = quantize_input(x, self.iq)
-        scale_rows = None
-        if self.kind in ("binary", "ternary_sign") and self.iq["kind"] == "sign_mean_abs":
-            scale_rows = _beta(x, True).reshape(-1)  # constant over the reduction: per sample
-        elif self.kind == "ternary_int8":
-            scale_rows = _static_scale(self.iq)[0]
+        """The layer on a graph-layout input (``[N, C, H, W]`` or ``[N, F]``)."""
+        if self.conv is None:
+            return self.forward(x)
+        return to_channels_first(self.forward(to_channels_last(x)))
+
+    def forward(self, x: NDArray[np.float32] | Bits) -> NDArray[np.float32]:
+        """The layer on a channels-last input (or its sign bits, for a packed layer whose input
+        quantiser is ``sign``): float32 ``[N, OH, OW, O]`` (conv) or ``[N, O]`` (linear)."""
+        if self.packed is not None:
+            return self._forward_packed(x)
+        assert not isinstance(x, Bits)
+        scale = None
+        if self.kind == "ternary_int8":
+            scale = _static_scale(self.iq)[0]
             x = static_codes(x, self.iq).astype(np.int8)
+        else:
+            x = self._quantize_float(x)
         y = self._rows(x) if self.conv is None else self._conv(x)
-        if scale_rows is not None:
-            rows = (
-                scale_rows
-                if np.ndim(scale_rows) == 0
-                else scale_rows.reshape((-1,) + (1,) * (y.ndim - 1))
-            )
-            y = y * rows
+        if scale is not None:
+            y = y * scale
         if self.bias is not None:
-            y = y + _channel(self.bias, y.ndim, 1)
+            y = y + self.bias
         return y.astype(F32, copy=False)
 
+    def forward_bits(self, x: NDArray[np.float32] | Bits, plan: ThresholdPlan) -> Bits:
+        """Sign bits of ``post(layer output)`` for the next layers (``plan`` from
+        :meth:`PackedGemm.threshold`)."""
+        assert self.packed is not None
+        return self.packed.forward_bits(self._bits(x), plan)
+
+    def _bits(self, x: NDArray[np.float32] | Bits) -> Bits:
+        return x if isinstance(x, Bits) else pack_activation(x)
+
+    def _forward_packed(self, x: NDArray[np.float32] | Bits) -> NDArray[np.float32]:
+        assert self.packed is not None
+        beta = None
+        if self.iq["kind"] == "sign_mean_abs":  # constant over the reduction: one per sample
+            assert not isinstance(x, Bits)
+            beta = _beta(x if x.ndim == 2 else to_channels_first(x), True).reshape(-1)
+        bits = self._bits(x)
+        y = self.packed.forward(bits, beta)
+        if self.conv is None:
+            return y
+        return y.reshape(bits.data.shape[0], *self.packed.out_hw, self.out_channels)
+
+    def _quantize_float(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The input quantiser on a channels-last input (XNOR-Net's ``beta`` averages over the
+        channels: computed in the graph layout, so its float sums are the reference's)."""
+        if self.conv is None or self.iq is None or self.iq["kind"] != "sign_mean_abs":
+            return quantize_input(x, self.iq)
+        return to_channels_last(quantize_input(to_channels_first(x), self.iq))
+
     def _conv(self, x: NDArray[Any]) -> NDArray[np.float32]:
-        """Convolution by im2col, a few samples at a time (bounded memory)."""
+        """Convolution by im2col, a few samples at a time (bounded memory), channels last."""
         assert self.conv is not None
         n = x.shape[0]
-        oh, ow = self.conv.out_hw(self.node, x.shape[2], x.shape[3])
+        oh, ow = self.conv.out_hw(self.node, x.shape[1], x.shape[2])
         per_sample = max(oh * ow * self.k * self.groups, 1)
         step = max(1, IM2COL_CHUNK_ELEMENTS // per_sample)
-        out = np.empty((n, self.out_channels, oh, ow), dtype=F32)
+        if step >= n:  # one chunk: the GEMM's rows are the output
+            return self._conv_rows(x).reshape(n, oh, ow, self.out_channels)
+        out = np.empty((n, oh, ow, self.out_channels), dtype=F32)
         for i in range(0, n, step):
-            chunk = x[i : i + step]
-            if self.groups == 1:
-                rows = self._rows(self.conv.im2col(chunk), spatial=oh * ow)
-            else:
-                rows = self._grouped_rows(chunk)
-            out[i : i + step] = rows.reshape(-1, oh, ow, self.out_channels).transpose(0, 3, 1, 2)
+            out[i : i + step] = self._conv_rows(x[i : i + step]).reshape(-1, oh, ow, out.shape[3])
         return out
+
+    def _conv_rows(self, x: NDArray[Any]) -> NDArray[np.float32]:
+        assert self.conv is not None
+        if self.patch_index is not None:
+            return self._rows(self.conv.patches(x, self.patch_index))
+        if self.groups == 1:
+            return self._rows(self.conv.im2col(x))
+        return self._grouped_rows(x)
 
     def _grouped_rows(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
         """Float GEMM per group of channels (``groups > 1`` always runs the float path)."""
         assert self.conv is not None
-        cin, cout = x.shape[1] // self.groups, self.out_channels // self.groups
+        cin, cout = x.shape[3] // self.groups, self.out_channels // self.groups
         parts = [
-            self.conv.im2col(x[:, g * cin : (g + 1) * cin])
+            self.conv.im2col(x[..., g * cin : (g + 1) * cin])
             @ self.weight[g * cout : (g + 1) * cout].T
             for g in range(self.groups)
         ]
         return np.concatenate(parts, axis=1)
 
-    def _rows(self, a: NDArray[Any], spatial: int | None = None) -> NDArray[np.float32]:
+    def _rows(self, a: NDArray[Any]) -> NDArray[np.float32]:
         """``[M, K]`` patch rows (or linear inputs) times the weights: ``[M, O]`` float32."""
         if self.kind == "float":
             return a @ self.weight.T
-        bits = kernels.pack_signs(np.ascontiguousarray(a)) if self.kind != "ternary_int8" else None
         y = np.zeros((a.shape[0], self.out_channels), dtype=F32)
-        for j, (planes, codes, scale) in enumerate(zip(*self.dots, strict=True)):
-            if self.kind == "binary":
-                d = kernels.binary_gemm(bits, planes[0], self.k)
-            elif self.kind == "ternary_sign":
-                d = kernels.ternary_gemm_binary_act(bits, *planes, self.k, check=False)
-            else:
-                d = kernels.ternary_gemm_int8(np.ascontiguousarray(a), codes, check=False)
-            if self.pad_dots is not None and spatial is not None:
-                d = (d.reshape(-1, spatial, self.out_channels) - self.pad_dots[j]).reshape(d.shape)
-            y += d.astype(F32) * scale
+        a = np.ascontiguousarray(a)
+        for codes, scale in self.gemms:
+            y += kernels.ternary_gemm_int8(a, codes, check=False).astype(F32) * scale
         return y
+
+
+def to_channels_last(x: NDArray[Any]) -> NDArray[Any]:
+    """``[N, C, H, W]`` as a contiguous ``[N, H, W, C]`` array."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def to_channels_first(x: NDArray[Any]) -> NDArray[Any]:
+    """``[N, H, W, C]`` as a contiguous ``[N, C, H, W]`` array."""
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 # ============================================================================= other ops
@@ -824,8 +890,10 @@ class Model:
     integer engine where the graph allows it. ``self.engine`` says which one runs.
 
     Built from a validated :class:`Graph` (:func:`lowbit.runtime.load` reads one from a
-    ``.lowbit`` file). Construction checks every shape (:func:`infer_shapes`) and decodes the
-    weights once; it raises :class:`GraphError` for a graph it cannot run.
+    ``.lowbit`` file). Construction checks every shape (:func:`infer_shapes`), decodes the
+    weights once and plans the float engine's forward pass (``self.program``); it raises
+    :class:`GraphError` for a graph it cannot run. Calls may come from several threads (scratch
+    buffers are per thread).
     """
 
     def __init__(self, graph: Graph, source: str | Path = "<graph>", engine: str = "float") -> None:
@@ -848,6 +916,11 @@ class Model:
                 if engine == "integer":
                     raise
         self.engine = "float" if self.integer is None else "integer"
+        self.program = None
+        if self.integer is None:
+            from .program import Program  # imports this module
+
+            self.program = Program(graph, self.layers, self.shapes)
 
     @property
     def input_shape(self) -> list[int]:
@@ -876,10 +949,8 @@ class Model:
             )
         if self.integer is not None:
             return self.integer.run(arr.astype(F32)).astype(F32)
-        env: dict[str, NDArray[np.float32]] = {self.graph.inputs[0]: arr.astype(F32)}
-        for node in self.graph.nodes:
-            env[node.name] = self.run_node(node, [env[i] for i in node.inputs])
-        return env[self.graph.outputs[0]]
+        assert self.program is not None
+        return self.program.run(arr.astype(F32))
 
     def run_node(self, node: Node, inputs: list[NDArray[np.float32]]) -> NDArray[np.float32]:
         """Evaluate one node of the graph on the given input arrays (float32)."""

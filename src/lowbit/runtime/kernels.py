@@ -51,6 +51,7 @@ else:
     _EXT_ERROR = None
 
 __all__ = [
+    "BitGemm",
     "OutputStage",
     "Requant",
     "Scale",
@@ -501,6 +502,56 @@ def binary_gemm_scale(
 ) -> NDArray[np.float32]:
     """``binary_gemm`` with ``Scale(scale, bias)``: ``dot * scale + bias`` in float32."""
     return binary_gemm(a_bits, w_bits, k, Scale(scale, bias), num_threads=num_threads)
+
+
+class BitGemm:
+    """A binary or ternary GEMM with its weights and output stage fixed and checked once: a
+    layer's prepared kernel call (``binary_gemm`` / ``ternary_gemm_binary_act`` re-validate
+    their weights and stage on every call, which dominates small GEMMs).
+
+    ``w_pos`` uint64 ``[N, ceil(k/64)]`` sign words (binary, ``w_neg=None``) or the ``+1``
+    plane with ``w_neg`` the ``-1`` plane (ternary, disjoint); ``output`` an output stage or
+    None (int32 dots). ``gemm(a_bits)`` equals ``binary_gemm(a_bits, w_pos, k, output)`` (or
+    the ternary one); ``a_bits`` must be C-contiguous uint64 ``[M, ceil(k/64)]``.
+    """
+
+    def __init__(
+        self,
+        w_pos: ArrayLike,
+        w_neg: ArrayLike | None,
+        k: int,
+        output: OutputStage | None = None,
+        *,
+        num_threads: int | None = None,
+    ) -> None:
+        self.k = _int_scalar("k", k, 0, 2**30)
+        self.words = _words(self.k)
+        self.w = _matrix("w_pos", w_pos, np.uint64, self.words)
+        self.neg = None if w_neg is None else _matrix("w_neg", w_neg, np.uint64, self.words)
+        if self.neg is not None and (self.neg.shape != self.w.shape or (self.w & self.neg).any()):
+            raise ValueError("w_neg must have w_pos's shape and no bit set where w_pos has one")
+        self.output = _INT32_OUTPUT if output is None else output
+        if not isinstance(self.output, OutputStage):
+            raise ValueError(f"output must be a Threshold, Scale or Requant stage, got {output!r}")
+        self.output._check(self.k)
+        self.num_threads = _threads(num_threads)
+        self._params = self.output._params(self.w.shape[0])
+
+    def __call__(self, a_bits: NDArray[np.uint64]) -> NDArray[Any]:
+        a = a_bits
+        if a.dtype != np.uint64 or a.ndim != 2 or a.shape[1] != self.words:
+            raise ValueError(f"a_bits must be uint64 [M, {self.words}], got {a.dtype} {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError("a_bits must be C-contiguous")
+        if not _use_ext():
+            if self.neg is None:
+                return binary_gemm(a, self.w, self.k, self.output)
+            return ternary_gemm_binary_act(a, self.w, self.neg, self.k, self.output, check=False)
+        m, n = a.shape[0], self.w.shape[0]
+        out = self.output._alloc(m, n)
+        mode = _MODES[self.output.mode]
+        _ext.bitgemm(a, self.w, self.neg, m, n, self.k, self.num_threads, mode, out, self._params)
+        return out
 
 
 # ----------------------------------------------------------------------------- ternary
