@@ -28,7 +28,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..convert import quantize
-from ..data import load_dataset
+from ..data import DatasetSplits, load_dataset
 from ..model_summary import summary
 from ..models import create_model
 from ..train.checkpoint import save_checkpoint
 from ..train.config import TrainConfig
-from ..train.experiment import Experiment, final_checkpoint, load_run, load_weights
+from ..train.experiment import (
+    Experiment,
+    final_checkpoint,
+    load_run,
+    load_weights,
+    write_run_files,
+)
 from ..train.health import QuantHealthCallback, check_health, first_batch, weight_zero_counts
 from ..train.trainer import Trainer, evaluate
 from .config import FLOAT32, BenchConfig, BenchConfigError, BenchMethod, load_bench
@@ -56,18 +62,6 @@ from .timing import step_time_overheads
 RESULTS = "results.json"
 EVAL_BATCH = 256
 HEALTH_BATCH = 256
-
-
-@dataclass
-class BenchData:
-    """One seed's splits (subsets in quick mode) and what the model needs to know of them."""
-
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-    in_shape: tuple[int, int, int]
-    name: str
 
 
 def run_accuracy_bench(
@@ -207,7 +201,7 @@ def run_seed(
     return runs, timing, pretrain_s
 
 
-def bench_data(bench: BenchConfig, seed: int) -> BenchData:
+def bench_data(bench: BenchConfig, seed: int) -> DatasetSplits:
     """The seed's splits; in quick mode seeded subsets of ``train_samples`` / ``eval_samples``."""
     options = {k: v for k, v in bench.data.items() if k != "name"}
     splits = load_dataset(bench.data["name"], seed=seed, **options)
@@ -218,13 +212,11 @@ def bench_data(bench: BenchConfig, seed: int) -> BenchData:
             return ds
         return Subset(ds, torch.randperm(len(ds), generator=generator)[:n].tolist())  # type: ignore[arg-type]
 
-    return BenchData(
+    return replace(
+        splits,
         train=cut(splits.train, bench.train_samples),
         val=cut(splits.val, bench.eval_samples),
         test=cut(splits.test, bench.eval_samples),
-        num_classes=splits.num_classes,
-        in_shape=splits.in_shape,
-        name=splits.name,
     )
 
 
@@ -242,21 +234,8 @@ def _experiment(
     )
 
 
-def _write_run_files(run_dir: Path, exp: Experiment, data: BenchData) -> None:
-    """``experiment.yaml`` and ``run.json``: what :func:`load_run` needs to rebuild the model."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
-    info = {
-        "num_classes": data.num_classes,
-        "in_shape": list(data.in_shape),
-        "dataset": data.name,
-        "lowbit_run": 1,
-    }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
-
-
 def pretrain(
-    bench: BenchConfig, seed: int, data: BenchData, run_dir: Path, console: Console
+    bench: BenchConfig, seed: int, data: DatasetSplits, run_dir: Path, console: Console
 ) -> tuple[nn.Module, float]:
     """The seed's float32 model, trained with ``pretrain`` (or reloaded if already trained),
     and the seconds its training took."""
@@ -266,7 +245,7 @@ def pretrain(
     if not (phase_dir / "metrics.json").exists():
         cfg = bench.pretrain_config(seed)
         exp = _experiment(bench, "pretrain", cfg, None, seed, "float32 pre-training")
-        _write_run_files(run_dir, exp, data)
+        write_run_files(run_dir, exp, data)
         console.rule(f"{bench.name} seed {seed}: float32 pre-training ({cfg.epochs} epochs)")
         Trainer(model, data.train, data.val, cfg, phase_dir, console=console).fit()
     load_weights(model, final_checkpoint(phase_dir))
@@ -277,7 +256,7 @@ def run_training(
     bench: BenchConfig,
     method: BenchMethod,
     seed: int,
-    data: BenchData,
+    data: DatasetSplits,
     pretrained: nn.Module,
     run_dir: Path,
     console: Console,
@@ -291,7 +270,7 @@ def run_training(
         quantize(model, method.recipe)
         callbacks.append(QuantHealthCallback(data.val, batch_size=HEALTH_BATCH, console=console))
     description = f"bench row {method.name}: fine-tuned from the seed's float32 model"
-    _write_run_files(
+    write_run_files(
         run_dir, _experiment(bench, method.name, cfg, method.recipe, seed, description), data
     )
     phase_dir = run_dir / ("fp" if method.recipe is None else "qat")
@@ -308,7 +287,9 @@ def run_training(
     return finish_run(run_dir, method, seed, model, data, cfg.resolve_device(), extra, started)
 
 
-def calibration_batches(data: BenchData, cfg: TrainConfig, count: int, seed: int) -> list[Tensor]:
+def calibration_batches(
+    data: DatasetSplits, cfg: TrainConfig, count: int, seed: int
+) -> list[Tensor]:
     """``count`` training batches (inputs only) in a seeded random order."""
     loader = DataLoader(
         data.train,
@@ -328,7 +309,7 @@ def run_ptq(
     bench: BenchConfig,
     method: BenchMethod,
     seed: int,
-    data: BenchData,
+    data: DatasetSplits,
     seed_dir: Path,
     console: Console,
 ) -> dict[str, Any]:
@@ -347,7 +328,7 @@ def run_ptq(
         f"{len(batches)} calibration batches, no training"
     )
     exp = _experiment(bench, method.name, cfg, ptq_recipe(method.ptq), seed, description)
-    _write_run_files(run_dir, exp, data)
+    write_run_files(run_dir, exp, data)
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     meta = {"ptq": method.ptq, "calibration_batches": len(batches), "epoch": 0}
     save_checkpoint(run_dir / "qat" / "checkpoints" / "best", tensors, meta)
@@ -399,7 +380,7 @@ def finish_run(
     method: BenchMethod,
     seed: int,
     model: nn.Module,
-    data: BenchData,
+    data: DatasetSplits,
     device: torch.device,
     extra: Mapping[str, Any],
     started: float,
@@ -435,7 +416,7 @@ def finish_run(
 
 
 def overheads(
-    bench: BenchConfig, data: BenchData, pretrained: nn.Module, file: Path, console: Console
+    bench: BenchConfig, data: DatasetSplits, pretrained: nn.Module, file: Path, console: Console
 ) -> dict[str, Any]:
     """``{"rows": {name: {"step_ms", "overhead"}}, "measure_s": seconds, "load_average": 1-min
     load average after measuring}``, from ``file`` if it has every trained row, else measured
@@ -457,7 +438,7 @@ def overheads(
 
 
 def measure_overheads(
-    bench: BenchConfig, data: BenchData, pretrained: nn.Module
+    bench: BenchConfig, data: DatasetSplits, pretrained: nn.Module
 ) -> dict[str, dict[str, float]]:
     """Step-time overhead of every trained row over float32, on one batch of training data."""
     cfg = bench.train_config(bench.method(FLOAT32), 0)

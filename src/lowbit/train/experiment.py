@@ -35,7 +35,7 @@ from rich.table import Table
 from torch import nn
 
 from ..convert import quantize
-from ..data import list_datasets, load_dataset
+from ..data import DatasetSplits, list_datasets, load_dataset
 from ..model_summary import summary
 from ..models import create_model, list_models
 from ..recipe import Recipe, RecipeError, read_mapping
@@ -212,6 +212,19 @@ def final_checkpoint(phase_dir: Path) -> Path:
     return best if Path(f"{best}.json").exists() else phase_dir / "checkpoints" / "last"
 
 
+def write_run_files(run_dir: Path, exp: Experiment, data: DatasetSplits) -> None:
+    """``experiment.yaml`` and ``run.json``: what :func:`load_run` needs to rebuild the model."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    info = {
+        "num_classes": data.num_classes,
+        "in_shape": list(data.in_shape),
+        "dataset": data.name,
+        "lowbit_run": 1,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
 # -- running ---------------------------------------------------------------------------------
 def run_experiment(
     exp: Experiment, run_dir: Path, *, resume: bool = False, console: Console | None = None
@@ -224,20 +237,11 @@ def run_experiment(
     console = console or Console()
     run_dir = Path(run_dir)
     main = is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
     data = load_data(exp, exp.train.seed)
     torch.manual_seed(exp.train.seed)
     model = build_model(exp, data.num_classes, data.in_shape)
     if main:
-        info = {
-            "num_classes": data.num_classes,
-            "in_shape": list(data.in_shape),
-            "dataset": data.name,
-            "lowbit_run": 1,
-        }
-        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        write_run_files(run_dir, exp, data)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "name": exp.name,
