@@ -307,7 +307,8 @@ def results_table(rows: list[Mapping[str, Any]], title: str = "lowbit runs") -> 
         "size (KiB)",
         "vs float32",
     ):
-        table.add_column(col, justify="left" if col in ("run", "model", "method") else "right")
+        left = col in ("run", "model", "method")
+        table.add_column(col, justify="left" if left else "right", overflow="fold")
     for r in rows:
         fp = r.get("fp", {}).get("test", {}).get("acc")
         qat = r.get("qat", {}).get("test", {}).get("acc")
