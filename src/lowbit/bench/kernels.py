@@ -50,7 +50,7 @@ from rich.table import Table
 
 from ..fixedpoint import quantize_multiplier
 from ..runtime import kernels
-from .machine import cpu_model
+from .machine import speed_header, speed_meta
 
 # name, M per image, K, N
 LAYERS = [
@@ -319,16 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(t < 1 for t in args.threads):
         p.error("--threads must be positive")
     console = Console(width=220)
-    meta = {
-        "cpu": cpu_model(),
-        "backend": kernels.backend(),
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    console.print(
-        f"{meta['cpu']} | kernels: {meta['backend']} | torch {meta['torch']} "
-        f"({meta['torch_cpu_capability']}) | median of {args.rounds} interleaved rounds"
-    )
+    meta = speed_meta()
+    console.print(speed_header(meta, args.rounds))
     rows = measure(args)
     render(rows, console)
     for path in (args.json, args.result):

@@ -59,3 +59,23 @@ def describe(info: dict[str, Any]) -> str:
         f"{'' if threads == 1 else 's'}), "
         f"torch {info['torch']}, Python {info['python']}, {where}; {info['date']}"
     )
+
+
+def speed_meta() -> dict[str, Any]:
+    """What a speed benchmark's figures depend on: CPU, kernel backend, torch and its ISA."""
+    from ..runtime import kernels
+
+    return {
+        "cpu": cpu_model(),
+        "kernels": kernels.backend(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def speed_header(meta: dict[str, Any], rounds: int) -> str:
+    """The line a speed benchmark prints above its table."""
+    return (
+        f"{meta['cpu']} | kernels: {meta['kernels']} | torch {meta['torch']} "
+        f"({meta['torch_cpu_capability']}) | median of {rounds} interleaved rounds"
+    )

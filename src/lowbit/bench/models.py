@@ -44,9 +44,9 @@ from rich.table import Table
 from ..convert import quantize
 from ..export import export
 from ..models import create_model
-from ..runtime import kernels, load
+from ..runtime import load
 from .kernels import PASSIVE_WAIT, Avx2Torch, run_module, sample, time_interleaved
-from .machine import cpu_model
+from .machine import speed_header, speed_meta
 
 MODELS = {"resnet20": (3, 32, 32), "vgg_small": (3, 32, 32), "lenet5": (1, 28, 28)}
 METHODS = ["bnn", "xnor", "ttq", "twn", "lsq", "affine"]
@@ -241,16 +241,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if any(t < 1 for t in args.threads) or any(b < 1 for b in args.batches) or args.rounds < 1:
         p.error("--threads, --batches and --rounds must be positive")
     console = Console(width=200)
-    meta = {
-        "cpu": cpu_model(),
-        "kernels": kernels.backend(),
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    console.print(
-        f"{meta['cpu']} | kernels: {meta['kernels']} | torch {meta['torch']} "
-        f"({meta['torch_cpu_capability']}) | median of {args.rounds} interleaved rounds"
-    )
+    meta = speed_meta()
+    console.print(speed_header(meta, args.rounds))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         files = export_all(args.models, args.methods, Path(tmp))
