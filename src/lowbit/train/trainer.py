@@ -50,6 +50,7 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
+from ..data.datasets import mix_seed
 from . import distributed
 from .checkpoint import (
     capture_training_state,
@@ -79,11 +80,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 64-bit seed that depends on ``(seed, epoch)`` only (numpy's SeedSequence mixing)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
 
 
 def _batch_stats_tensor(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> Tensor:
@@ -507,7 +503,7 @@ class Trainer:
 
     def _train_loader(self, epoch: int) -> DataLoader:
         """Epoch ``epoch``'s batches: a seeded shuffle, or this rank's DistributedSampler share."""
-        seed = epoch_seed(self.config.seed, epoch)
+        seed = mix_seed(self.config.seed, epoch)  # depends on (seed, epoch) only
         if not distributed.is_distributed():
             return self._loader(self.train_set, shuffle=True, seed=seed)
         sampler = self._sampler(epoch, distributed.rank())
