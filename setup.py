@@ -18,8 +18,8 @@ setup(
     ext_modules=[
         Extension(
             "lowbit.runtime._kernels",
-            sources=[f"{CSRC}/{name}.c" for name in ("module", "driver", "bitgemm", "int8gemm")],
-            depends=[f"{CSRC}/lowbit_kernels.h", f"{CSRC}/transpose.h"],
+            sources=[f"{CSRC}/{name}.c" for name in ("module", "driver", "bitgemm", "int8gemm", "engine", "qgemm")],
+            depends=[f"{CSRC}/{h}.h" for h in ("lowbit_kernels", "transpose", "engine")],
             extra_compile_args=[
                 "-O3",
                 "-std=gnu11",

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine.h"
 #include "lowbit_kernels.h"
 
 #define MAX_BUFS 10
@@ -221,6 +222,66 @@ static PyObject *py_max_threads(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(lowbit_max_threads());
 }
 
+
+/* ---- fused engine (lowbit/runtime/fused/) ---- */
+
+static int check_isa(int isa) {
+    if (isa < ENG_ISA_SCALAR || isa > lowbit_engine_cpu_isa()) {
+        PyErr_Format(PyExc_ValueError, "ISA %d is not available on this CPU", isa);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_engine_cpu_isa(PyObject *self, PyObject *unused) {
+    return PyLong_FromLong(lowbit_engine_cpu_isa());
+}
+
+static PyObject *py_engine_sizes(PyObject *self, PyObject *args) {
+    int isa;
+    long long N, K;
+    if (!PyArg_ParseTuple(args, "iLL", &isa, &N, &K)) return NULL;
+    if (check_isa(isa) < 0 || check_dims(0, N, K) < 0) return NULL;
+    return Py_BuildValue("LLL", (long long)lowbit_engine_kpad(isa, K),
+                         (long long)lowbit_engine_packed_bytes(isa, N, K),
+                         (long long)lowbit_engine_conv_scratch(isa, N, K));
+}
+
+static PyObject *py_engine_pack(PyObject *self, PyObject *args) {
+    int isa;
+    PyObject *w, *dst;
+    long long N, K;
+    if (!PyArg_ParseTuple(args, "iOLLO", &isa, &w, &N, &K, &dst)) return NULL;
+    if (check_isa(isa) < 0 || check_dims(0, N, K) < 0) return NULL;
+    bufset b = {.count = 0};
+    const int8_t *wp = get_buf(&b, w, (Py_ssize_t)(N * K), 0, "w");
+    void *dp = wp ? get_buf(&b, dst, (Py_ssize_t)lowbit_engine_packed_bytes(isa, N, K), 1, "dst")
+                  : NULL;
+    if (dp) lowbit_engine_pack(isa, wp, N, K, dp);
+    bufs_release(&b);
+    if (!dp) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* engine_run(steps): steps is an int64 [n, ENG_FIELDS] array whose addresses point into arrays
+ * the caller keeps alive (lowbit.runtime.fused builds and owns them). */
+static PyObject *py_engine_run(PyObject *self, PyObject *arg) {
+    bufset b = {.count = 0};
+    Py_buffer *v = &b.views[0];
+    if (PyObject_GetBuffer(arg, v, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    b.count = 1;
+    const Py_ssize_t row = (Py_ssize_t)ENG_FIELDS * 8;
+    if (v->len % row != 0) {
+        bufs_release(&b);
+        return PyErr_Format(PyExc_ValueError, "steps must be rows of %d int64", ENG_FIELDS);
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = lowbit_engine_run(v->buf, v->len / row);
+    Py_END_ALLOW_THREADS bufs_release(&b);
+    if (rc) return PyErr_Format(PyExc_ValueError, "step %d has an unknown op", rc - 1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"pack_signs", py_pack_signs, METH_VARARGS, "pack_signs(x, out, M, K, nthreads)"},
     {"bitgemm", py_bitgemm, METH_VARARGS,
@@ -234,6 +295,11 @@ static PyMethodDef methods[] = {
     {"cpu_has_avx2", py_cpu_has_avx2, METH_NOARGS, "whether the CPU supports AVX2+FMA+POPCNT"},
     {"max_threads", py_max_threads, METH_NOARGS, "OpenMP default thread count"},
     {"drop_pool", py_drop_pool, METH_NOARGS, "free the scratch memory kept between calls"},
+    {"engine_cpu_isa", py_engine_cpu_isa, METH_NOARGS, "best fused-engine ISA of this CPU"},
+    {"engine_sizes", py_engine_sizes, METH_VARARGS,
+     "engine_sizes(isa, N, K) -> (Kp, packed weight bytes, per-thread conv scratch bytes)"},
+    {"engine_pack", py_engine_pack, METH_VARARGS, "engine_pack(isa, w, N, K, dst)"},
+    {"engine_run", py_engine_run, METH_O, "engine_run(steps): run a fused program"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_kernels",
@@ -248,7 +314,8 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (m && (PyModule_AddIntConstant(m, "EPI_INT32", EPI_INT32) < 0 ||
               PyModule_AddIntConstant(m, "EPI_THRESHOLD", EPI_THRESHOLD) < 0 ||
               PyModule_AddIntConstant(m, "EPI_SCALE", EPI_SCALE) < 0 ||
-              PyModule_AddIntConstant(m, "EPI_REQUANT", EPI_REQUANT) < 0)) {
+              PyModule_AddIntConstant(m, "EPI_REQUANT", EPI_REQUANT) < 0 ||
+              PyModule_AddIntConstant(m, "ENG_FIELDS", ENG_FIELDS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,0 +1,314 @@
+/* The fused engine's interpreter: runs a program of steps (see engine.h) in one call.
+ *
+ * Element-wise loops are plain integer C compiled for several ISAs (target_clones: the CPU's
+ * best clone runs; integer results do not depend on the clone). The GEMM's ISA is the one the
+ * plan packed the weights for (field F_R0 of a CONV step), chosen at load.
+ */
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "engine.h"
+
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define PTR(v) ((void *)(intptr_t)(v))
+
+static int64_t rup(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ---------------------------------------------------------------- gemmlowp arithmetic (int64) */
+
+/* RoundingDivideByPOT: x / 2^e rounded, halves away from zero, e in [0, 62]. */
+static inline int64_t rdbp64(int64_t x, int64_t e) {
+    const int64_t mask = (int64_t)(((uint64_t)1 << e) - 1);
+    return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0));
+}
+
+/* SaturatingRoundingDoublingHighMul of int32 values (floor((a b + 2^30) / 2^31)). */
+static inline int64_t srdhm64(int64_t a, int64_t b) {
+    if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
+    return (a * b + ((int64_t)1 << 30)) >> 31;
+}
+
+/* Codes q on the source grid moved to the destination grid (lowbit.runtime.integer.rescale):
+ * r[0] source zero point, r[1] mode, r[2] pow2 shift or m0, r[3] left shift, r[4] right
+ * shift, r[5] destination zero point, r[6], r[7] clamp bounds. */
+static inline int64_t rescale1(int64_t q, const int64_t *r) {
+    int64_t c = clamp64(q - r[0], INT32_MIN, INT32_MAX), y;
+    switch (r[1]) {
+    case RS_POW2: y = rdbp64(c, r[2]); break;
+    case RS_MULT:
+        y = rdbp64(srdhm64(clamp64(c * ((int64_t)1 << r[3]), INT32_MIN, INT32_MAX), r[2]), r[4]);
+        break;
+    default: y = c;
+    }
+    return clamp64(y + r[5], r[6], r[7]);
+}
+
+static inline int64_t ld(const void *p, int64_t t, int64_t i) {
+    return t ? (int64_t)((const int32_t *)p)[i] : (int64_t)((const uint8_t *)p)[i];
+}
+
+static inline void st(void *p, int64_t t, int64_t i, int64_t v) {
+    if (t)
+        ((int32_t *)p)[i] = (int32_t)v;
+    else
+        ((uint8_t *)p)[i] = (uint8_t)v;
+}
+
+/* ---------------------------------------------------------------- CONV */
+
+/* Output stage of rows x N accumulators (tile, row stride ldt) into out (row stride N). */
+CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ldt, int64_t rows,
+                               void *out) {
+    const int64_t N = s[F_OC], L = s[F_X2];
+    const int32_t *c = PTR(s[F_P1]), *m0 = PTR(s[F_P2]), *lsh = PTR(s[F_P3]),
+                  *rsh = PTR(s[F_P4]);
+    const int32_t lo = (int32_t)s[F_X4], hi = (int32_t)s[F_X5], zp = (int32_t)s[F_X6];
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *t = tile + r * ldt;
+        if (s[F_X7] == CONV_ACC) {
+            int32_t *o = (int32_t *)out + r * N;
+            for (int64_t n = 0; n < N; n++) o[n] = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
+            continue;
+        }
+        int32_t y[N];
+        for (int64_t n = 0; n < N; n++) {
+            /* exact: the plan bounds |(raw - zp colsum) 2^L + bias| below 2^31 */
+            const int32_t v = (int32_t)(((uint32_t)t[n] << L) + (uint32_t)c[n]);
+            int64_t w = (int64_t)v << lsh[n];
+            w = w < INT32_MIN ? INT32_MIN : (w > INT32_MAX ? INT32_MAX : w);
+            const int32_t x = (int32_t)(uint32_t)((uint64_t)(w * m0[n] + (1LL << 30)) >> 31);
+            const int32_t e = rsh[n], mask = (int32_t)((1u << e) - 1u);
+            int32_t q = (x >> e) + ((x & mask) > ((mask >> 1) + (x < 0)));
+            q = q < lo ? lo : (q > hi ? hi : q);
+            y[n] = q + zp;
+        }
+        if (s[F_TO]) {
+            memcpy((int32_t *)out + r * N, y, (size_t)N * sizeof(int32_t));
+        } else {
+            uint8_t *o = (uint8_t *)out + r * N;
+            for (int64_t n = 0; n < N; n++) o[n] = (uint8_t)y[n];
+        }
+    }
+}
+
+/* im2col rows [m0, m0 + rows) of a NHWC uint8 input into a (row stride Kp, zero past K). */
+static void gather(const int64_t *s, int64_t m0, int64_t rows, uint8_t *a) {
+    const uint8_t *in = PTR(s[F_IN0]);
+    const int64_t H = s[F_H], W = s[F_W], C = s[F_C], OH = s[F_OH], OW = s[F_OW];
+    const int64_t KH = s[F_KH], KW = s[F_KW], K = s[F_X0], Kp = s[F_X1];
+    const int pad = (int)s[F_X3];
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t m = m0 + r, b = m / (OH * OW), oy = m / OW % OH, ox = m % OW;
+        uint8_t *d = a + r * Kp;
+        for (int64_t ky = 0; ky < KH; ky++) {
+            const int64_t iy = oy * s[F_SH] - s[F_PH] + ky;
+            for (int64_t kx = 0; kx < KW; kx++, d += C) {
+                const int64_t ix = ox * s[F_SW] - s[F_PW] + kx;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W)
+                    memset(d, pad, (size_t)C);
+                else
+                    memcpy(d, in + ((b * H + iy) * W + ix) * C, (size_t)C);
+            }
+        }
+        memset(d, 0, (size_t)(Kp - K));
+    }
+}
+
+static void step_conv(const int64_t *s) {
+    const int64_t M = s[F_B] * s[F_OH] * s[F_OW], N = s[F_OC], Kp = s[F_X1];
+    const int64_t ldt = rup(N, 16), blocks = (M + ENG_MB - 1) / ENG_MB;
+    const int isa = (int)s[F_R0], direct = (int)s[F_R1];
+    const size_t esize = s[F_TO] ? 4 : 1;
+    char *scratch = PTR(s[F_SCRATCH]);
+#pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        char *mine = scratch + (int64_t)thread_id() * s[F_SCRATCH_BYTES];
+        uint8_t *a = (uint8_t *)mine;
+        int32_t *tile = (int32_t *)(mine + rup(ENG_MB * Kp, 64));
+        void *work = (char *)tile + rup(ENG_MB * ldt * 4, 64);
+        const int64_t m0 = blk * ENG_MB, rows = M - m0 < ENG_MB ? M - m0 : ENG_MB;
+        const uint8_t *rowsp = a;
+        if (direct)
+            rowsp = (const uint8_t *)PTR(s[F_IN0]) + m0 * Kp;
+        else
+            gather(s, m0, rows, a);
+        lowbit_engine_gemm_block(isa, rowsp, rows, Kp, PTR(s[F_P0]), N, tile, work);
+        conv_output(s, tile, ldt, rows, (char *)PTR(s[F_OUT]) + m0 * N * esize);
+    }
+}
+
+/* ---------------------------------------------------------------- element-wise */
+
+static int64_t elements(const int64_t *s) { return s[F_B] * s[F_H] * s[F_W] * s[F_C]; }
+
+CLONES static void step_rescale(const int64_t *s) {
+    const void *in = PTR(s[F_IN0]);
+    void *out = PTR(s[F_OUT]);
+    const int64_t n = elements(s), t0 = s[F_T0], to = s[F_TO];
+    const int64_t *r = s + F_R0;
+#pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
+    for (int64_t i = 0; i < n; i++) st(out, to, i, rescale1(ld(in, t0, i), r));
+}
+
+CLONES static void step_add(const int64_t *s) {
+    const void *a = PTR(s[F_IN0]), *b = PTR(s[F_IN1]);
+    void *out = PTR(s[F_OUT]);
+    const int64_t n = elements(s), t0 = s[F_T0], t1 = s[F_T1], to = s[F_TO];
+    const int64_t oa = s[F_X0], ob = s[F_X1], z = s[F_X2], lo = s[F_X3], hi = s[F_X4];
+    const int64_t *r = s + F_R0;
+#pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t sum = (ld(a, t0, i) - oa) + (ld(b, t1, i) - ob) - z;
+        st(out, to, i, rescale1(clamp64(sum, lo, hi), r));
+    }
+}
+
+static void step_quant(const int64_t *s) {
+    const float *x = PTR(s[F_IN0]);
+    void *out = PTR(s[F_OUT]);
+    const int64_t B = s[F_B], H = s[F_H], W = s[F_W], C = s[F_C], to = s[F_TO];
+    float inv;
+    const int32_t bits = (int32_t)s[F_X0];
+    memcpy(&inv, &bits, sizeof inv);
+    const float lo = (float)s[F_X1], hi = (float)s[F_X2];
+    const int64_t zp = s[F_X3];
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t p = 0; p < H * W; p++) {
+                float q = nearbyintf(x[(b * C + c) * H * W + p] * inv);
+                q = q < lo ? lo : (q > hi ? hi : q);
+                st(out, to, (b * H * W + p) * C + c, (int64_t)q + zp);
+            }
+}
+
+static void step_dequant(const int64_t *s) {
+    const int32_t *acc = PTR(s[F_IN0]);
+    float *out = PTR(s[F_OUT]);
+    const double *scale = PTR(s[F_P0]), *bias = PTR(s[F_P1]);
+    const int64_t rows = s[F_B] * s[F_H] * s[F_W], N = s[F_C];
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t n = 0; n < N; n++) {
+            double v = (double)acc[m * N + n] * scale[n];
+            v = v + bias[n];
+            out[m * N + n] = (float)v;
+        }
+}
+
+/* ---------------------------------------------------------------- pooling and layout */
+
+/* q = Z + round_half_even(sum / count) of an exact integer sum. */
+static inline int64_t div_half_even(int64_t num, int64_t den) {
+    int64_t q = num / den, r = num % den;
+    if (r < 0) {
+        q -= 1;
+        r += den;
+    }
+    return q + (2 * r > den || (2 * r == den && (q & 1)));
+}
+
+CLONES static void step_pool(const int64_t *s, int avg) {
+    const void *in = PTR(s[F_IN0]);
+    void *out = PTR(s[F_OUT]);
+    const int64_t B = s[F_B], H = s[F_H], W = s[F_W], C = s[F_C], OH = s[F_OH], OW = s[F_OW];
+    const int64_t t = s[F_T0], to = s[F_TO];
+#pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
+    for (int64_t m = 0; m < B * OH * OW; m++) {
+        const int64_t b = m / (OH * OW), oy = m / OW % OH, ox = m % OW;
+        const int64_t y0 = oy * s[F_SH] - s[F_PH], x0 = ox * s[F_SW] - s[F_PW];
+        for (int64_t c = 0; c < C; c++) {
+            int64_t acc = avg ? 0 : INT64_MIN, inside = 0;
+            for (int64_t y = y0; y < y0 + s[F_KH]; y++)
+                for (int64_t x = x0; x < x0 + s[F_KW]; x++) {
+                    if (y < 0 || y >= H || x < 0 || x >= W) continue;
+                    const int64_t v = ld(in, t, ((b * H + y) * W + x) * C + c);
+                    inside++;
+                    if (avg)
+                        acc += v - s[F_X0];
+                    else
+                        acc = v > acc ? v : acc;
+                }
+            int64_t q = acc;
+            if (avg) {
+                const int64_t count = s[F_X1] ? s[F_KH] * s[F_KW] : inside;
+                q = clamp64(div_half_even(acc, count) + s[F_X2], s[F_X3], s[F_X4]);
+            }
+            st(out, to, m * C + c, q);
+        }
+    }
+}
+
+static void step_slice(const int64_t *s) {
+    const char *in = PTR(s[F_IN0]);
+    char *out = PTR(s[F_OUT]);
+    const int64_t H = s[F_H], W = s[F_W], C = s[F_C], OH = s[F_OH], OW = s[F_OW], OC = s[F_OC];
+    const size_t e = s[F_T0] ? 4 : 1;
+    for (int64_t b = 0; b < s[F_B]; b++)
+        for (int64_t y = 0; y < OH; y++)
+            for (int64_t x = 0; x < OW; x++)
+                for (int64_t c = 0; c < OC; c++) {
+                    const int64_t iy = s[F_X1] + y * s[F_X5], ix = s[F_X2] + x * s[F_X6];
+                    const int64_t ic = s[F_X3] + c * s[F_X7];
+                    memcpy(out + (((b * OH + y) * OW + x) * OC + c) * e,
+                           in + (((b * H + iy) * W + ix) * C + ic) * e, e);
+                }
+}
+
+static void step_pad(const int64_t *s) {
+    const char *in = PTR(s[F_IN0]);
+    char *out = PTR(s[F_OUT]);
+    const int64_t H = s[F_H], W = s[F_W], C = s[F_C], OH = s[F_OH], OW = s[F_OW], OC = s[F_OC];
+    const int64_t t = s[F_T0];
+    const size_t e = t ? 4 : 1;
+    for (int64_t b = 0; b < s[F_B]; b++)
+        for (int64_t y = 0; y < OH; y++)
+            for (int64_t x = 0; x < OW; x++) {
+                const int64_t iy = y - s[F_X0], ix = x - s[F_X2];
+                const int64_t o = ((b * OH + y) * OW + x) * OC;
+                for (int64_t c = 0; c < OC; c++) st(out, t, o + c, s[F_X6]);
+                if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+                    memcpy(out + (o + s[F_X4]) * e, in + ((b * H + iy) * W + ix) * C * e, C * e);
+            }
+}
+
+static void step_flatten(const int64_t *s) {
+    const char *in = PTR(s[F_IN0]);
+    char *out = PTR(s[F_OUT]);
+    const int64_t H = s[F_H], W = s[F_W], C = s[F_C];
+    const size_t e = s[F_T0] ? 4 : 1;
+    for (int64_t b = 0; b < s[F_B]; b++)
+        for (int64_t p = 0; p < H * W; p++)
+            for (int64_t c = 0; c < C; c++)
+                memcpy(out + ((b * C + c) * H * W + p) * e, in + ((b * H * W + p) * C + c) * e, e);
+}
+
+int lowbit_engine_run(const int64_t *steps, int64_t nsteps) {
+    for (int64_t i = 0; i < nsteps; i++) {
+        const int64_t *s = steps + i * ENG_FIELDS;
+        switch (s[F_OP]) {
+        case OP_QUANT: step_quant(s); break;
+        case OP_CONV: step_conv(s); break;
+        case OP_RESCALE: step_rescale(s); break;
+        case OP_ADD: step_add(s); break;
+        case OP_MAXPOOL: step_pool(s, 0); break;
+        case OP_AVGPOOL: step_pool(s, 1); break;
+        case OP_SLICE: step_slice(s); break;
+        case OP_PAD: step_pad(s); break;
+        case OP_FLATTEN: step_flatten(s); break;
+        case OP_DEQUANT: step_dequant(s); break;
+        default: return (int)(i + 1);
+        }
+    }
+    return 0;
+}
