@@ -1,0 +1,346 @@
+"""Translate a compiled :class:`~lowbit.runtime.integer.IntegerProgram` into fused steps.
+
+The integer program fixes the arithmetic (grids, folded BatchNorms, multipliers, headroom,
+quantised biases); this module only re-expresses each of its steps in the engine's terms, so the
+engine computes exactly what :meth:`IntegerProgram.run` computes:
+
+* a layer becomes one CONV step: ``raw = sum (q + a_off) w`` over uint8 codes, and the output
+  stage ``v = raw 2^L + c`` with ``c = bias_q - (Z_in + a_off) colsum(w) 2^L`` (wrapping int32
+  arithmetic; the true value fits int32 by the integer program's headroom bound, checked here),
+  then the program's requantisation. A ReLU/clamp that is the layer's only consumer is fused
+  into the clamp bounds. The output layer keeps its accumulator (CONV_ACC) and a DEQUANT step
+  turns it into float logits;
+* other ops become one step each, with RESCALE steps wherever the program rescales an input
+  to another grid.
+
+Anything else (grouped or non-int8 layers, codes wider than 8 bits into a layer, slices or pads
+of the batch dimension) raises :class:`~lowbit.runtime.fused.steps.Unsupported`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ...fixedpoint import INT32_MAX, INT32_MIN
+from ..graph import Node
+from ..integer import Grid, IntegerProgram
+from . import steps as S
+from .steps import StepSpec, Tensor, Unsupported
+
+
+def _pair(node: Node, key: str, default: int) -> tuple[int, int]:
+    v = node.attrs.get(key, default)
+    v = default if v is None else v
+    return (int(v), int(v)) if np.ndim(v) == 0 else (int(v[0]), int(v[1]))
+
+
+def _wrap32(x: NDArray[np.int64]) -> NDArray[np.int32]:
+    return ((x + 2**31) % 2**32 - 2**31).astype(np.int32)
+
+
+@dataclass
+class Plan:
+    """Tensors, steps (in order), the float input/output shapes and the packed weights."""
+
+    isa: int
+    input_name: str
+    output_name: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    steps: list[StepSpec] = field(default_factory=list)
+    alias: dict[str, str] = field(default_factory=dict)
+    weight_bytes: int = 0
+
+    def name(self, tensor: str) -> str:
+        while tensor in self.alias:
+            tensor = self.alias[tensor]
+        return tensor
+
+
+class _Builder:
+    def __init__(self, program: IntegerProgram, isa: int, ext: Any) -> None:
+        self.program, self.ext = program, ext
+        self.nodes = {n.name: n for n in program.graph.nodes}
+        graph = program.graph
+        self.plan = Plan(isa, graph.inputs[0], program.output_name)
+        self.uses: dict[str, int] = {}
+        for step in program.steps:
+            for i in getattr(step, "inputs", None) or [step.input]:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        self.fused_clamp: dict[str, tuple[int, int]] = {}
+
+    # -- tensors -----------------------------------------------------------------------------
+    def tensor(self, name: str, hwc: tuple[int, int, int], grid: Grid | None, rank: int) -> str:
+        dtype, off = (S.I32, 0) if grid is None else S.storage(grid)
+        self.plan.tensors[name] = Tensor(hwc, dtype, off, grid, rank)
+        return name
+
+    def get(self, name: str) -> Tensor:
+        return self.plan.tensors[self.plan.name(name)]
+
+    def on_grid(self, name: str, src: Grid, dst: Grid, tag: str) -> str:
+        """``name`` (held on ``src``) as a tensor on ``dst``: a RESCALE step when they differ."""
+        name = self.plan.name(name)
+        if src == dst:
+            return name
+        t = self.plan.tensors[name]
+        out = self.tensor(f"{name}@{tag}", t.hwc, dst, t.rank)
+        r = S.rescale_fields(src, t.offset, dst, self.plan.tensors[out].offset)
+        self.plan.steps.append(StepSpec(S.RESCALE, [name], out, _r_fields(r)))
+        return out
+
+    # -- input -------------------------------------------------------------------------------
+    def input(self) -> None:
+        graph, g = self.program.graph, self.program.input_grid
+        shape = [int(d) for d in graph.input_shape[1:]]
+        if len(shape) == 3:
+            hwc, rank = (shape[1], shape[2], shape[0]), 4
+        elif len(shape) == 1:
+            hwc, rank = (1, 1, shape[0]), 2
+        else:
+            raise Unsupported(
+                f"graph input shape {graph.input_shape} is neither [N, C, H, W] nor [N, F]"
+            )
+        name = self.tensor(self.plan.input_name, hwc, g, rank)
+        t = self.plan.tensors[name]
+        inv = np.float32(1.0) / np.float32(g.scale)
+        fields = {
+            "x0": int(np.array(inv, np.float32).view(np.int32)),
+            "x1": g.qmin - g.zero_point,
+            "x2": g.qmax - g.zero_point,
+            "x3": g.zero_point + t.offset,
+        }
+        self.plan.steps.append(StepSpec(S.QUANT, [], name, fields))
+
+    # -- layers ------------------------------------------------------------------------------
+    def layer(self, step: Any) -> None:
+        ep, gin = step.epilogue, step.grid_in
+        src = self.on_grid(step.input, step.src, gin, step.name)
+        t = self.plan.tensors[src]
+        where = f"layer {step.name!r}"
+        if t.dtype != S.U8 or len(step.groups) != 1 or step.groups[0].w8 is None:
+            raise Unsupported(f"{where}: needs 8-bit input codes, int8 weights and one group")
+        w = step.groups[0].w  # [N, C kh kw] int64, C-major
+        n_out = w.shape[0]
+        if step.conv:
+            kh, kw = (int(k) for k in step.kernel)
+            c_in = w.shape[1] // (kh * kw)
+            w = w.reshape(n_out, c_in, kh, kw).transpose(0, 2, 3, 1).reshape(n_out, -1)
+            (sh, sw), (ph, pw) = step.stride, step.padding
+            h, wd, c = t.hwc
+            if c != c_in or t.rank != 4:
+                raise Unsupported(f"{where}: input has {c} channels, weights {c_in}")
+            hwc = ((h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1, n_out)
+        else:
+            if t.rank != 2 or t.hwc[2] != w.shape[1]:
+                raise Unsupported(f"{where}: linear layer on a {t.rank}-D input")
+            kh = kw = sh = sw = 1
+            ph = pw = 0
+            hwc = (1, 1, n_out)
+        k = w.shape[1]
+        kp, nbytes, scratch = self.ext.engine_sizes(self.plan.isa, n_out, k)
+        packed = np.empty(nbytes, np.uint8)
+        self.ext.engine_pack(
+            self.plan.isa, np.ascontiguousarray(w.astype(np.int8)), n_out, k, packed
+        )
+        self.plan.weight_bytes += nbytes
+        colsum = w.sum(axis=1)
+        za = gin.zero_point + t.offset
+        out = self.tensor(step.name, hwc, ep.grid, 4 if step.conv else 2)
+        o = self.plan.tensors[out]
+        fields = dict(
+            kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, x0=k, x1=kp, x3=za, r0=self.plan.isa,
+            r1=int(kh == kw == 1 and sh == sw == 1 and ph == pw == 0 and kp == k),
+        )  # fmt: skip
+        if ep.grid is None:
+            c = _wrap32(-za * colsum)
+            m0 = lsh = rsh = np.zeros(n_out, np.int32)
+            fields |= {"x2": 0, "x7": S.CONV_ACC}
+        else:
+            hr = int(ep.headroom)
+            centred = max(gin.zero_point - gin.qmin, gin.qmax - gin.zero_point)
+            acc_bound = int(np.abs(w).sum(axis=1).max(initial=0)) * centred
+            if acc_bound * 2**hr + int(np.abs(ep.bias_q).max(initial=0)) > INT32_MAX:
+                raise Unsupported(f"{where}: accumulator with headroom may overflow int32")
+            c = _wrap32(ep.bias_q.astype(np.int64) - za * colsum * 2**hr)
+            shift = ep.shift.astype(np.int64)
+            dead = shift > 31
+            m0 = np.where(dead, 0, ep.m0).astype(np.int32)
+            rsh = np.where(dead, 0, np.maximum(shift, 0)).astype(np.int32)
+            lsh = np.maximum(-shift, 0).astype(np.int32)
+            g = ep.grid
+            lo, hi = self.fused_clamp.get(step.name, (g.qmin, g.qmax))
+            fields |= {
+                "x2": hr,
+                "x4": max(lo - g.zero_point, INT32_MIN),
+                "x5": min(hi - g.zero_point, INT32_MAX),
+                "x6": g.zero_point + o.offset,
+                "x7": S.CONV_REQUANT,
+            }
+        params = [packed, c, m0.astype(np.int32), lsh.astype(np.int32), rsh.astype(np.int32)]
+        work = hwc[0] * hwc[1] * n_out * k
+        self.plan.steps.append(StepSpec(S.CONV, [src], out, fields, params, scratch, work))
+        if ep.grid is None:
+            self.dequant(out, n_out)
+
+    def dequant(self, acc: str, n_out: int) -> None:
+        t = self.plan.tensors[acc]
+        name = self.tensor(f"{acc}#float", t.hwc, None, t.rank)
+        scale = np.ascontiguousarray(self.program.output_scale, np.float64)
+        bias = np.ascontiguousarray(self.program.output_bias, np.float64)
+        if scale.size != n_out or bias.size != n_out:
+            raise Unsupported("output scale / bias do not match the output layer")
+        self.plan.steps.append(StepSpec(S.DEQUANT, [acc], name, {}, [scale, bias]))
+        self.plan.output_name = name
+
+    def fuse_clamps(self) -> None:
+        """ReLU / clamp steps that are the only consumer of a layer on the same grid."""
+        layers = {s.name: s for s in self.program.steps if type(s).__name__ == "_Layer"}
+        for step in self.program.steps:
+            node = self.nodes.get(step.name)
+            if node is None or node.op not in ("relu", "clamp"):
+                continue
+            (src_name,) = step.inputs
+            layer = layers.get(src_name)
+            g = step.grid
+            if layer is None or self.uses.get(src_name) != 1 or layer.epilogue.grid != g:
+                continue
+            if step.srcs[0] != g or step.grid_in != g:
+                continue
+            lo, hi = (int(v) for v in step.fn(np.array([g.qmin, g.qmax], np.int64)))
+            self.fused_clamp[layer.name] = (lo, hi)
+            self.plan.alias[step.name] = layer.name
+
+    # -- other ops ---------------------------------------------------------------------------
+    def op(self, step: Any) -> None:
+        node = self.nodes[step.name]
+        if step.name in self.plan.alias:
+            return  # fused into the layer before it
+        gin, g = step.grid_in, step.grid
+        ins = [
+            self.on_grid(i, src, gin, step.name)
+            for i, src in zip(step.inputs, step.srcs, strict=True)
+        ]
+        t = self.plan.tensors[ins[0]]
+        where = f"node {node.name!r} ({node.op})"
+        fields: dict[str, int] = {}
+        if node.op in ("relu", "clamp"):
+            lo, hi = (int(v) for v in step.fn(np.array([gin.qmin, gin.qmax], np.int64)))
+            op, hwc, rank = S.RESCALE, t.hwc, t.rank
+            fields = _r_fields(S.clamp_fields(gin, t.offset, lo, hi))
+        elif node.op == "add":
+            op, hwc, rank = S.ADD, t.hwc, t.rank
+            b = self.plan.tensors[ins[1]]
+            if b.hwc != t.hwc:
+                raise Unsupported(f"{where}: operands of different shapes {t.hwc}, {b.hwc}")
+            out = self.tensor(step.name, hwc, g, rank)
+            r = S.rescale_fields(gin, 0, g, self.plan.tensors[out].offset)
+            fields = {"x0": t.offset, "x1": b.offset, "x2": gin.zero_point, "x3": gin.qmin,
+                      "x4": gin.qmax} | _r_fields(r)  # fmt: skip
+            self.plan.steps.append(StepSpec(S.ADD, ins, out, fields))
+            return
+        elif node.op in ("maxpool2d", "avgpool2d", "global_avgpool2d"):
+            op, hwc, rank, fields = self.pool(node, t, gin)
+        elif node.op == "flatten":
+            if int(node.attrs.get("start_dim", 1)) != 1:
+                raise Unsupported(f"{where}: start_dim other than 1")
+            h, w, c = t.hwc
+            if t.rank == 2 or h == w == 1:
+                self.plan.alias[step.name] = ins[0]
+                self.plan.tensors[ins[0]] = Tensor(t.hwc, t.dtype, t.offset, t.grid, 2)
+                return
+            op, hwc, rank = S.FLATTEN, (1, 1, h * w * c), 2
+        elif node.op == "slice":
+            op, hwc, rank, fields = self.slice(node, t, where)
+        elif node.op == "pad":
+            op, hwc, rank, fields = self.pad(node, t, gin, where)
+        else:
+            raise Unsupported(f"{where}: op not supported by the fused engine")
+        out = self.tensor(step.name if gin == g else f"{step.name}@in", hwc, gin, rank)
+        self.plan.steps.append(StepSpec(op, ins, out, fields))
+        if gin != g:
+            self.plan.alias[step.name] = self.on_grid(out, gin, g, step.name)
+
+    def pool(self, node: Node, t: Tensor, g: Grid) -> tuple[int, tuple[int, int, int], int, dict]:
+        h, w, c = t.hwc
+        if node.op == "global_avgpool2d":
+            (kh, kw), (sh, sw), (ph, pw) = (h, w), (1, 1), (0, 0)
+        else:
+            kh, kw = _pair(node, "kernel_size", 1)
+            sh, sw = _pair(node, "stride", 0)
+            sh, sw = (kh, kw) if (sh, sw) == (0, 0) else (sh, sw)
+            ph, pw = _pair(node, "padding", 0)
+        hwc = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1, c)
+        fields = dict(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw)
+        if node.op == "maxpool2d":
+            return S.MAXPOOL, hwc, 4, fields
+        z = g.zero_point + t.offset
+        include = node.attrs.get("count_include_pad") is not False
+        fields |= {
+            "x0": z,
+            "x1": int(include),
+            "x2": z,
+            "x3": g.qmin + t.offset,
+            "x4": g.qmax + t.offset,
+        }
+        return S.AVGPOOL, hwc, 4, fields
+
+    def slice(
+        self, node: Node, t: Tensor, where: str
+    ) -> tuple[int, tuple[int, int, int], int, dict]:
+        a = node.attrs
+        dims = (0, 3, 1, 2) if t.rank == 4 else (0, 3)  # graph dim -> (batch, h, w, c) slot
+        sizes = [None, *t.hwc]
+        start, step_, size = [0, 0, 0, 0], [1, 1, 1, 1], [None, *t.hwc]
+        for d, (lo, hi, st) in enumerate(zip(a["starts"], a["stops"], a["steps"], strict=True)):
+            slot = dims[d]
+            if slot == 0:
+                if (lo, hi, st) not in ((None, None, None), (0, None, 1), (None, None, 1)):
+                    raise Unsupported(f"{where}: slicing the batch dimension")
+                continue
+            r = range(sizes[slot])[slice(lo, hi, st)]
+            if r.step < 1:
+                raise Unsupported(f"{where}: negative slice step")
+            start[slot], step_[slot], size[slot] = r.start, r.step, len(r)
+        fields = {"x1": start[1], "x2": start[2], "x3": start[3],
+                  "x5": step_[1], "x6": step_[2], "x7": step_[3]}  # fmt: skip
+        return S.SLICE, (size[1], size[2], size[3]), t.rank, fields
+
+    def pad(
+        self, node: Node, t: Tensor, g: Grid, where: str
+    ) -> tuple[int, tuple[int, int, int], int, dict]:
+        pads = [tuple(int(v) for v in p) for p in node.attrs["pads"]]
+        if t.rank == 2:
+            pads = [pads[0], (0, 0), (0, 0), pads[1]]
+        else:
+            pads = [pads[0], pads[2], pads[3], pads[1]]
+        if pads[0] != (0, 0) or any(v < 0 for p in pads for v in p):
+            raise Unsupported(f"{where}: padding the batch dimension or negative padding")
+        hwc = tuple(d + lo + hi for d, (lo, hi) in zip(t.hwc, pads[1:], strict=True))
+        fields = {
+            "x0": pads[1][0],
+            "x2": pads[2][0],
+            "x4": pads[3][0],
+            "x6": g.zero_point + t.offset,
+        }
+        return S.PAD, hwc, t.rank, fields
+
+
+def _r_fields(r: list[int]) -> dict[str, int]:
+    return {f"r{i}": v for i, v in enumerate(r)}
+
+
+def build_plan(program: IntegerProgram, isa: int, ext: Any) -> Plan:
+    """The fused plan of ``program`` with weights packed for ISA number ``isa``."""
+    b = _Builder(program, isa, ext)
+    b.fuse_clamps()
+    b.input()
+    for step in program.steps:
+        if type(step).__name__ == "_Layer":
+            b.layer(step)
+        else:
+            b.op(step)
+    return b.plan
