@@ -26,33 +26,30 @@ static int thread_id(void) {
 #endif
 }
 
-/* ---------------------------------------------------------------- gemmlowp arithmetic (int64) */
+/* ---------------------------------------------------------------- element-wise blocks */
 
-/* RoundingDivideByPOT: x / 2^e rounded, halves away from zero, e in [0, 62]. */
-static inline int64_t rdbp64(int64_t x, int64_t e) {
-    const int64_t mask = (int64_t)(((uint64_t)1 << e) - 1);
-    return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0));
-}
+/* Element-wise steps run over blocks of EW values widened to int64: load, rescale, store are
+ * separate branch-free loops the compiler vectorises. */
+#define EW 512
 
-/* SaturatingRoundingDoublingHighMul of int32 values (floor((a b + 2^30) / 2^31)). */
-static inline int64_t srdhm64(int64_t a, int64_t b) {
-    if (a == INT32_MIN && b == INT32_MIN) return INT32_MAX;
-    return (a * b + ((int64_t)1 << 30)) >> 31;
-}
-
-/* Codes q on the source grid moved to the destination grid (lowbit.runtime.integer.rescale):
- * r[0] source zero point, r[1] mode, r[2] pow2 shift or m0, r[3] left shift, r[4] right
- * shift, r[5] destination zero point, r[6], r[7] clamp bounds. */
-static inline int64_t rescale1(int64_t q, const int64_t *r) {
-    int64_t c = clamp64(q - r[0], INT32_MIN, INT32_MAX), y;
-    switch (r[1]) {
-    case RS_POW2: y = rdbp64(c, r[2]); break;
-    case RS_MULT:
-        y = rdbp64(srdhm64(clamp64(c * ((int64_t)1 << r[3]), INT32_MIN, INT32_MAX), r[2]), r[4]);
-        break;
-    default: y = c;
+static void load_blk(const void *p, int64_t t, int64_t i0, int64_t n, int64_t *v) {
+    if (t) {
+        const int32_t *q = (const int32_t *)p + i0;
+        for (int64_t j = 0; j < n; j++) v[j] = q[j];
+    } else {
+        const uint8_t *q = (const uint8_t *)p + i0;
+        for (int64_t j = 0; j < n; j++) v[j] = q[j];
     }
-    return clamp64(y + r[5], r[6], r[7]);
+}
+
+static void store_blk(void *p, int64_t t, int64_t i0, int64_t n, const int64_t *v) {
+    if (t) {
+        int32_t *q = (int32_t *)p + i0;
+        for (int64_t j = 0; j < n; j++) q[j] = (int32_t)v[j];
+    } else {
+        uint8_t *q = (uint8_t *)p + i0;
+        for (int64_t j = 0; j < n; j++) q[j] = (uint8_t)v[j];
+    }
 }
 
 static inline int64_t ld(const void *p, int64_t t, int64_t i) {
@@ -64,6 +61,38 @@ static inline void st(void *p, int64_t t, int64_t i, int64_t v) {
         ((int32_t *)p)[i] = (int32_t)v;
     else
         ((uint8_t *)p)[i] = (uint8_t)v;
+}
+
+static inline int64_t clamp_i32(int64_t x) {
+    return x < INT32_MIN ? INT32_MIN : (x > INT32_MAX ? INT32_MAX : x);
+}
+
+/* Codes moved from one grid to another (lowbit.runtime.integer.rescale), in place: r[0] source
+ * zero point, r[1] mode, r[2] pow2 shift or m0 (>= 0), r[3] left shift, r[4] right shift (both
+ * for the multiplier), r[5] destination zero point, r[6], r[7] clamp bounds. The centred code
+ * saturates to int32 before a pow2 shift or a multiplier (which round as gemmlowp does); mode
+ * RS_NONE only moves the zero point and clamps (ReLU, clamp, identity). */
+static void rescale_blk(int64_t *v, int64_t n, const int64_t *r) {
+    const int64_t z0 = r[0], z1 = r[5], lo = r[6], hi = r[7];
+    if (r[1] == RS_POW2) {
+        const int64_t e = r[2], mask = (int64_t)(((uint64_t)1 << e) - 1), half = mask >> 1;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t c = clamp_i32(v[j] - z0);
+            const int64_t y = (c >> e) + ((c & mask) > half + (c < 0));
+            v[j] = clamp64(y + z1, lo, hi);
+        }
+    } else if (r[1] == RS_MULT) {
+        const int64_t m0 = r[2], ls = r[3], e = r[4];
+        const int64_t mask = (int64_t)(((uint64_t)1 << e) - 1), half = mask >> 1;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t c = clamp_i32(clamp_i32(v[j] - z0) * ((int64_t)1 << ls));
+            const int64_t x = (c * m0 + ((int64_t)1 << 30)) >> 31;
+            const int64_t y = (x >> e) + ((x & mask) > half + (x < 0));
+            v[j] = clamp64(y + z1, lo, hi);
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) v[j] = clamp64(v[j] - z0 + z1, lo, hi);
+    }
 }
 
 /* ---------------------------------------------------------------- CONV */
@@ -154,24 +183,32 @@ static void step_conv(const int64_t *s) {
 static int64_t elements(const int64_t *s) { return s[F_B] * s[F_H] * s[F_W] * s[F_C]; }
 
 CLONES static void step_rescale(const int64_t *s) {
-    const void *in = PTR(s[F_IN0]);
-    void *out = PTR(s[F_OUT]);
-    const int64_t n = elements(s), t0 = s[F_T0], to = s[F_TO];
-    const int64_t *r = s + F_R0;
+    const int64_t n = elements(s);
 #pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
-    for (int64_t i = 0; i < n; i++) st(out, to, i, rescale1(ld(in, t0, i), r));
+    for (int64_t i0 = 0; i0 < n; i0 += EW) {
+        int64_t v[EW];
+        const int64_t m = n - i0 < EW ? n - i0 : EW;
+        load_blk(PTR(s[F_IN0]), s[F_T0], i0, m, v);
+        rescale_blk(v, m, s + F_R0);
+        store_blk(PTR(s[F_OUT]), s[F_TO], i0, m, v);
+    }
 }
 
+/* out = rescale_R(clip(rescale_Q(a) + rescale_U(b) - Z, lo, hi)): both operands brought to the
+ * common grid (zero point Z), added, clipped to it, and moved to the output grid. */
 CLONES static void step_add(const int64_t *s) {
-    const void *a = PTR(s[F_IN0]), *b = PTR(s[F_IN1]);
-    void *out = PTR(s[F_OUT]);
-    const int64_t n = elements(s), t0 = s[F_T0], t1 = s[F_T1], to = s[F_TO];
-    const int64_t oa = s[F_X0], ob = s[F_X1], z = s[F_X2], lo = s[F_X3], hi = s[F_X4];
-    const int64_t *r = s + F_R0;
+    const int64_t n = elements(s), z = s[F_X0], lo = s[F_X1], hi = s[F_X2];
 #pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t sum = (ld(a, t0, i) - oa) + (ld(b, t1, i) - ob) - z;
-        st(out, to, i, rescale1(clamp64(sum, lo, hi), r));
+    for (int64_t i0 = 0; i0 < n; i0 += EW) {
+        int64_t a[EW], b[EW];
+        const int64_t m = n - i0 < EW ? n - i0 : EW;
+        load_blk(PTR(s[F_IN0]), s[F_T0], i0, m, a);
+        rescale_blk(a, m, s + F_Q0);
+        load_blk(PTR(s[F_IN1]), s[F_T1], i0, m, b);
+        rescale_blk(b, m, s + F_U0);
+        for (int64_t j = 0; j < m; j++) a[j] = clamp64(a[j] + b[j] - z, lo, hi);
+        rescale_blk(a, m, s + F_R0);
+        store_blk(PTR(s[F_OUT]), s[F_TO], i0, m, a);
     }
 }
 

@@ -17,7 +17,8 @@
  *            or (mode ACC) the accumulator v itself. Linear layers are 1x1 convolutions.
  *   RESCALE  codes from one grid to another: pow2 rounding shift, fixed-point multiplier, or
  *            none (offset / clamp only: ReLU, clamp, dtype change)
- *   ADD      clip(a + b - Z) on the common grid, then a RESCALE to the output grid
+ *   ADD      both operands rescaled to the common grid, clip(a + b - Z), rescaled to the
+ *            output grid (a following ReLU folded into its clamp)
  *   MAXPOOL / AVGPOOL (round half to even of the exact sum) / SLICE / PAD / FLATTEN (NHWC ->
  *            NCHW order) / DEQUANT (int32 accumulator -> float32 via double, as numpy)
  */
@@ -54,7 +55,9 @@ enum {
     F_T0, F_T1, F_TO,            /* element types of in0, in1, out: 0 uint8, 1 int32       */
     F_P0, F_P1, F_P2, F_P3, F_P4, F_SCRATCH, /* parameter addresses, per-thread scratch     */
     F_X0, F_X1, F_X2, F_X3, F_X4, F_X5, F_X6, F_X7, /* integer parameters                  */
-    F_R0, F_R1, F_R2, F_R3, F_R4, F_R5, F_R6, F_R7, /* a rescale (RESCALE, ADD)            */
+    F_R0, F_R1, F_R2, F_R3, F_R4, F_R5, F_R6, F_R7, /* a rescale (RESCALE, ADD output)     */
+    F_Q0, F_Q1, F_Q2, F_Q3, F_Q4, F_Q5, F_Q6, F_Q7, /* ADD: rescale of the first operand   */
+    F_U0, F_U1, F_U2, F_U3, F_U4, F_U5, F_U6, F_U7, /* ADD: rescale of the second operand  */
     F_THREADS, F_SCRATCH_BYTES,
     ENG_FIELDS
 };

@@ -197,33 +197,39 @@ class _Builder:
         self.plan.output_name = name
 
     def fuse_clamps(self) -> None:
-        """ReLU / clamp steps that are the only consumer of a layer on the same grid."""
-        layers = {s.name: s for s in self.program.steps if type(s).__name__ == "_Layer"}
+        """ReLU / clamp steps that are the only consumer of a layer or an add on their grid:
+        their bounds go into the producer's output clamp."""
+        producers = {}
+        for s in self.program.steps:
+            if type(s).__name__ == "_Layer":
+                producers[s.name] = s.epilogue.grid
+            elif self.nodes[s.name].op == "add":
+                producers[s.name] = s.grid
         for step in self.program.steps:
             node = self.nodes.get(step.name)
             if node is None or node.op not in ("relu", "clamp"):
                 continue
             (src_name,) = step.inputs
-            layer = layers.get(src_name)
             g = step.grid
-            if layer is None or self.uses.get(src_name) != 1 or layer.epilogue.grid != g:
+            if src_name not in producers or self.uses.get(src_name) != 1:
                 continue
-            if step.srcs[0] != g or step.grid_in != g:
+            if producers[src_name] != g or step.srcs[0] != g or step.grid_in != g:
                 continue
             lo, hi = (int(v) for v in step.fn(np.array([g.qmin, g.qmax], np.int64)))
-            self.fused_clamp[layer.name] = (lo, hi)
-            self.plan.alias[step.name] = layer.name
+            self.fused_clamp[src_name] = (lo, hi)
+            self.plan.alias[step.name] = src_name
 
     # -- other ops ---------------------------------------------------------------------------
     def op(self, step: Any) -> None:
         node = self.nodes[step.name]
         if step.name in self.plan.alias:
             return  # fused into the layer before it
+        if node.op == "add":
+            self.add(step)
+            return
         gin, g = step.grid_in, step.grid
-        ins = [
-            self.on_grid(i, src, gin, step.name)
-            for i, src in zip(step.inputs, step.srcs, strict=True)
-        ]
+        pairs = zip(step.inputs, step.srcs, strict=True)
+        ins = [self.on_grid(i, src, gin, step.name) for i, src in pairs]
         t = self.plan.tensors[ins[0]]
         where = f"node {node.name!r} ({node.op})"
         fields: dict[str, int] = {}
@@ -231,17 +237,6 @@ class _Builder:
             lo, hi = (int(v) for v in step.fn(np.array([gin.qmin, gin.qmax], np.int64)))
             op, hwc, rank = S.RESCALE, t.hwc, t.rank
             fields = _r_fields(S.clamp_fields(gin, t.offset, lo, hi))
-        elif node.op == "add":
-            op, hwc, rank = S.ADD, t.hwc, t.rank
-            b = self.plan.tensors[ins[1]]
-            if b.hwc != t.hwc:
-                raise Unsupported(f"{where}: operands of different shapes {t.hwc}, {b.hwc}")
-            out = self.tensor(step.name, hwc, g, rank)
-            r = S.rescale_fields(gin, 0, g, self.plan.tensors[out].offset)
-            fields = {"x0": t.offset, "x1": b.offset, "x2": gin.zero_point, "x3": gin.qmin,
-                      "x4": gin.qmax} | _r_fields(r)  # fmt: skip
-            self.plan.steps.append(StepSpec(S.ADD, ins, out, fields))
-            return
         elif node.op in ("maxpool2d", "avgpool2d", "global_avgpool2d"):
             op, hwc, rank, fields = self.pool(node, t, gin)
         elif node.op == "flatten":
@@ -263,6 +258,25 @@ class _Builder:
         self.plan.steps.append(StepSpec(op, ins, out, fields))
         if gin != g:
             self.plan.alias[step.name] = self.on_grid(out, gin, g, step.name)
+
+    def add(self, step: Any) -> None:
+        """One ADD step: both operands rescaled to the common grid, summed, clipped, rescaled
+        to the output grid (with a fused ReLU's bounds)."""
+        gin, g = step.grid_in, step.grid
+        a, b = (self.plan.name(i) for i in step.inputs)
+        ta, tb = self.plan.tensors[a], self.plan.tensors[b]
+        if ta.hwc != tb.hwc:
+            raise Unsupported(f"node {step.name!r} (add): operands of shapes {ta.hwc}, {tb.hwc}")
+        out = self.tensor(step.name, ta.hwc, g, ta.rank)
+        off = self.plan.tensors[out].offset
+        r = S.rescale_fields(gin, 0, g, off)
+        lo, hi = self.fused_clamp.get(step.name, (g.qmin, g.qmax))
+        r[6], r[7] = lo + off, hi + off
+        q = S.rescale_fields(step.srcs[0], ta.offset, gin, 0)
+        u = S.rescale_fields(step.srcs[1], tb.offset, gin, 0)
+        fields = {"x0": gin.zero_point, "x1": gin.qmin, "x2": gin.qmax}
+        fields |= _r_fields(r) | _r_fields(q, "q") | _r_fields(u, "u")
+        self.plan.steps.append(StepSpec(S.ADD, [a, b], out, fields))
 
     def pool(self, node: Node, t: Tensor, g: Grid) -> tuple[int, tuple[int, int, int], int, dict]:
         h, w, c = t.hwc
@@ -329,8 +343,8 @@ class _Builder:
         return S.PAD, hwc, t.rank, fields
 
 
-def _r_fields(r: list[int]) -> dict[str, int]:
-    return {f"r{i}": v for i, v in enumerate(r)}
+def _r_fields(r: list[int], prefix: str = "r") -> dict[str, int]:
+    return {f"{prefix}{i}": v for i, v in enumerate(r)}
 
 
 def build_plan(program: IntegerProgram, isa: int, ext: Any) -> Plan:

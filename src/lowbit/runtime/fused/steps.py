@@ -23,8 +23,9 @@ QUANT, CONV, RESCALE, ADD, MAXPOOL, AVGPOOL, SLICE, PAD, FLATTEN, DEQUANT = rang
 NAMES = (
     "op", "in0", "in1", "out", "b", "h", "w", "c", "oh", "ow", "oc", "kh", "kw", "sh", "sw",
     "ph", "pw", "t0", "t1", "to", "p0", "p1", "p2", "p3", "p4", "scratch", "x0", "x1", "x2",
-    "x3", "x4", "x5", "x6", "x7", "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "threads",
-    "scratch_bytes",
+    "x3", "x4", "x5", "x6", "x7", "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "q0", "q1",
+    "q2", "q3", "q4", "q5", "q6", "q7", "u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7",
+    "threads", "scratch_bytes",
 )  # fmt: skip
 F = {name: i for i, name in enumerate(NAMES)}
 FIELDS = len(NAMES)
