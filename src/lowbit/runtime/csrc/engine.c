@@ -11,6 +11,7 @@
 #endif
 
 #include "engine.h"
+#include "lowbit_kernels.h"
 
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define PTR(v) ((void *)(intptr_t)(v))
@@ -32,7 +33,7 @@ static int thread_id(void) {
  * separate branch-free loops the compiler vectorises. */
 #define EW 512
 
-static void load_blk(const void *p, int64_t t, int64_t i0, int64_t n, int64_t *v) {
+static ALWAYS_INLINE void load_blk(const void *p, int64_t t, int64_t i0, int64_t n, int64_t *v) {
     if (t) {
         const int32_t *q = (const int32_t *)p + i0;
         for (int64_t j = 0; j < n; j++) v[j] = q[j];
@@ -42,7 +43,7 @@ static void load_blk(const void *p, int64_t t, int64_t i0, int64_t n, int64_t *v
     }
 }
 
-static void store_blk(void *p, int64_t t, int64_t i0, int64_t n, const int64_t *v) {
+static ALWAYS_INLINE void store_blk(void *p, int64_t t, int64_t i0, int64_t n, const int64_t *v) {
     if (t) {
         int32_t *q = (int32_t *)p + i0;
         for (int64_t j = 0; j < n; j++) q[j] = (int32_t)v[j];
@@ -72,7 +73,7 @@ static inline int64_t clamp_i32(int64_t x) {
  * for the multiplier), r[5] destination zero point, r[6], r[7] clamp bounds. The centred code
  * saturates to int32 before a pow2 shift or a multiplier (which round as gemmlowp does); mode
  * RS_NONE only moves the zero point and clamps (ReLU, clamp, identity). */
-static void rescale_blk(int64_t *v, int64_t n, const int64_t *r) {
+static ALWAYS_INLINE void rescale_blk(int64_t *v, int64_t n, const int64_t *r) {
     const int64_t z0 = r[0], z1 = r[5], lo = r[6], hi = r[7];
     if (r[1] == RS_POW2) {
         const int64_t e = r[2], mask = (int64_t)(((uint64_t)1 << e) - 1), half = mask >> 1;
@@ -141,10 +142,16 @@ static void gather(const int64_t *s, int64_t m0, int64_t rows, uint8_t *a) {
     for (int64_t r = 0; r < rows; r++) {
         const int64_t m = m0 + r, b = m / (OH * OW), oy = m / OW % OH, ox = m % OW;
         uint8_t *d = a + r * Kp;
+        const int64_t ix0 = ox * s[F_SW] - s[F_PW];
         for (int64_t ky = 0; ky < KH; ky++) {
             const int64_t iy = oy * s[F_SH] - s[F_PH] + ky;
+            if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + KW <= W) { /* one run of KW pixels */
+                memcpy(d, in + ((b * H + iy) * W + ix0) * C, (size_t)(KW * C));
+                d += KW * C;
+                continue;
+            }
             for (int64_t kx = 0; kx < KW; kx++, d += C) {
-                const int64_t ix = ox * s[F_SW] - s[F_PW] + kx;
+                const int64_t ix = ix0 + kx;
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W)
                     memset(d, pad, (size_t)C);
                 else

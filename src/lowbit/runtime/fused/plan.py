@@ -120,7 +120,10 @@ class _Builder:
         ep, gin = step.epilogue, step.grid_in
         src = self.on_grid(step.input, step.src, gin, step.name)
         t = self.plan.tensors[src]
-        where = f"layer {step.name!r}"
+        node = self.nodes[step.name]
+        if node.op == "batchnorm":  # folded: name the layer itself
+            node = self.nodes[node.inputs[0]]
+        where = f"node {node.name!r} ({node.op})"
         if t.dtype != S.U8 or len(step.groups) != 1 or step.groups[0].w8 is None:
             raise Unsupported(f"{where}: needs 8-bit input codes, int8 weights and one group")
         w = step.groups[0].w  # [N, C kh kw] int64, C-major
