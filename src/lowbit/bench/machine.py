@@ -64,10 +64,16 @@ def describe(info: dict[str, Any]) -> str:
 def speed_meta() -> dict[str, Any]:
     """What a speed benchmark's figures depend on: CPU, kernel backend, torch and its ISA."""
     from ..runtime import kernels
+    from ..runtime.fused import default_isa
 
+    try:
+        isa = default_isa()
+    except ValueError as exc:
+        isa = f"unavailable ({exc})"
     return {
         "cpu": cpu_model(),
         "kernels": kernels.backend(),
+        "engine_isa": isa,
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -76,6 +82,7 @@ def speed_meta() -> dict[str, Any]:
 def speed_header(meta: dict[str, Any], rounds: int) -> str:
     """The line a speed benchmark prints above its table."""
     return (
-        f"{meta['cpu']} | kernels: {meta['kernels']} | torch {meta['torch']} "
+        f"{meta['cpu']} | kernels: {meta['kernels']} | fused engine ISA: {meta['engine_isa']} | "
+        f"torch {meta['torch']} "
         f"({meta['torch_cpu_capability']}) | median of {rounds} interleaved rounds"
     )

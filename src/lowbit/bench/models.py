@@ -31,9 +31,11 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,17 @@ from rich.table import Table
 
 from ..convert import quantize
 from ..export import export
+from ..export.onnx import export_onnx
 from ..models import create_model
+from ..recipe import Recipe
 from ..runtime import load
 from .kernels import PASSIVE_WAIT, Avx2Torch, run_module, sample, time_interleaved
 from .machine import speed_header, speed_meta
 
 MODELS = {"resnet20": (3, 32, 32), "vgg_small": (3, 32, 32), "lenet5": (1, 28, 28)}
-METHODS = ["bnn", "xnor", "ttq", "twn", "lsq", "affine"]
+METHODS = ["bnn", "xnor", "ttq", "twn", "twn_a8", "lsq", "affine"]
+RECIPE_FILES = {"twn_a8": "mnist5k-twn-a8.yaml"}
+"""Methods benchmarked with a shipped experiment recipe (its ``quant`` section)."""
 NUM_CLASSES = 10
 SMOKE_MODEL = "lenet5"
 ROW_KEYS = (
@@ -63,13 +69,20 @@ ROW_KEYS = (
     "speedup",
     "fp32_avx2_ms",
     "speedup_avx2",
+    "ort_ms",
+    "speedup_ort",
+    "peak_rss_mib",
 )
 
 
 def quantized_copy(model: torch.nn.Module, method: str, shape: tuple[int, ...]) -> torch.nn.Module:
     """``model`` quantised with ``method``'s recipe, after one train-mode forward on random data
     (initialises lazy activation scales), in eval mode."""
-    q = quantize(copy.deepcopy(model), method)
+    recipe: Any = method
+    if method in RECIPE_FILES:
+        recipe = resources.files("lowbit.recipes") / "experiments" / RECIPE_FILES[method]
+        recipe = Recipe.from_file(Path(str(recipe)))
+    q = quantize(copy.deepcopy(model), recipe)
     q.train()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -82,17 +95,55 @@ def float_model(name: str) -> torch.nn.Module:
     return create_model(name, NUM_CLASSES, MODELS[name], seed=0).eval()
 
 
-def export_all(models: list[str], methods: list[str], folder: Path) -> dict[str, dict[str, str]]:
-    """Export every (model, method) into ``folder``: ``{model: {method: path}}``."""
-    files: dict[str, dict[str, str]] = {}
+def export_all(
+    models: list[str], methods: list[str], folder: Path, onnx: bool
+) -> dict[str, dict[str, dict[str, str | None]]]:
+    """Export every (model, method) into ``folder`` as ``.lowbit`` (and ``.onnx`` when asked
+    and the exporter has a form for it): ``{model: {method: {"lowbit": path, "onnx": path}}}``."""
+    files: dict[str, dict[str, dict[str, str | None]]] = {}
     for name in models:
         shape, base = MODELS[name], float_model(name)
         files[name] = {}
         for method in methods:
+            q = quantized_copy(base, method, shape)
             path = folder / f"{name}-{method}.lowbit"
-            export(quantized_copy(base, method, shape), path, example_input=shape)
-            files[name][method] = str(path)
+            export(q, path, example_input=shape)
+            files[name][method] = {"lowbit": str(path), "onnx": None}
+            if onnx:
+                onnx_path = folder / f"{name}-{method}.onnx"
+                try:
+                    export_onnx(q, onnx_path, torch.zeros(1, *shape))
+                except ValueError:
+                    continue
+                files[name][method]["onnx"] = str(onnx_path)
     return files
+
+
+def ort_session(path: str, threads: int) -> Any:
+    """An ONNX Runtime session of an exported file (all graph optimisations: QDQ pairs around
+    Conv / MatMul become its int8 QLinear kernels), ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def peak_rss(path: str, batch: int) -> float:
+    """Peak resident memory (MiB) of a fresh torch-free process that loads ``path`` and runs
+    one forward pass of ``batch`` samples (the runtime's footprint: weights as it holds them,
+    activations, scratch)."""
+    code = (
+        "import resource, sys, numpy as np, lowbit.runtime as rt\n"
+        "m = rt.load(sys.argv[1], engine='auto')\n"
+        "m(np.zeros([int(sys.argv[2]), *m.input_shape], np.float32))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path, str(batch)], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
 
 
 def _torch_forward(net: torch.nn.Module, x: torch.Tensor) -> None:
@@ -113,11 +164,18 @@ def measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
     try:
         for name, files in spec["files"].items():
             net = float_model(name)
-            runtimes = {m: load(path, engine="auto") for m, path in files.items()}
+            runtimes = {m: load(f["lowbit"], engine="auto") for m, f in files.items()}
+            sessions = {
+                m: ort_session(f["onnx"], threads) for m, f in files.items() if f.get("onnx")
+            }
             for batch in spec["batches"]:
                 x = _input(name, batch)
                 fns = {"fp32": partial(_torch_forward, net, x)}
                 fns |= {m: partial(rt, x.numpy()) for m, rt in runtimes.items()}
+                fns |= {
+                    f"ort {m}": partial(sess.run, None, {"input": x.numpy()})
+                    for m, sess in sessions.items()
+                }
                 for fn in fns.values():  # warm-up: caches, scratch buffers, lazy inits
                     fn()
                 samplers = {k: partial(sample, fn, min_time, 0.0) for k, fn in fns.items()}
@@ -127,24 +185,34 @@ def measure(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 times = time_interleaved(samplers, spec["rounds"])
                 avx2_s = times.get("fp32 avx2")
                 for method, rt in runtimes.items():
+                    ort_s = times.get(f"ort {method}")
                     rows.append(
                         {
                             "model": name,
                             "batch": batch,
                             "threads": threads,
                             "method": method,
-                            "engine": rt.engine,
+                            "engine": engine_name(rt),
                             "fp32_ms": 1e3 * times["fp32"],
                             "lowbit_ms": 1e3 * times[method],
                             "speedup": times["fp32"] / times[method],
                             "fp32_avx2_ms": None if avx2_s is None else 1e3 * avx2_s,
                             "speedup_avx2": None if avx2_s is None else avx2_s / times[method],
+                            "ort_ms": None if ort_s is None else 1e3 * ort_s,
+                            "speedup_ort": None if ort_s is None else times["fp32"] / ort_s,
+                            "peak_rss_mib": files[method].get("rss", {}).get(str(batch)),
                         }
                     )
     finally:
         if avx2 is not None:
             avx2.close()
     return rows
+
+
+def engine_name(model: Any) -> str:
+    """``fused/<isa>`` for the fused integer engine, else the Model's engine name."""
+    fused = getattr(model, "fused", None)
+    return f"fused/{fused.isa}" if fused is not None else model.engine
 
 
 def serve_fp32() -> None:
@@ -161,45 +229,33 @@ def serve_fp32() -> None:
         print(sample(fn, r["min"], 0.0), flush=True)
 
 
-def render(rows: list[dict[str, Any]], methods: list[str], console: Console) -> None:
-    """One table per thread count: fp32 ms, then each method's ms and speed-up (and the
-    speed-up against AVX2-only fp32 when measured)."""
-    engines = {r["method"]: r["engine"] for r in rows}
+def render(rows: list[dict[str, Any]], console: Console) -> None:
+    """One table per thread count, a row per model x batch x method: ms per batch, speed-up
+    over float32 torch (and AVX2-only float32 when measured), ONNX Runtime on the ONNX export,
+    the runtime's peak resident memory."""
     avx2 = any(r["fp32_avx2_ms"] is not None for r in rows)
     for threads in sorted({r["threads"] for r in rows}):
-        versus = "float32 PyTorch" + (" / AVX2-only float32" if avx2 else "")
-        table = Table(title=f"{threads} thread(s): ms per batch (speed-up vs {versus})")
-        table.add_column("model", justify="left")
-        table.add_column("batch", justify="right")
-        table.add_column("fp32 ms", justify="right")
-        if avx2:
-            table.add_column("fp32 AVX2 ms", justify="right")
-        for m in methods:
-            table.add_column(f"{m} ({engines.get(m, '?')})", justify="right")
-        keys = sorted(
-            {(r["model"], r["batch"]) for r in rows if r["threads"] == threads},
-            key=lambda k: (list(MODELS).index(k[0]), k[1]),
-        )
-        for model, batch in keys:
-            cell = {
-                r["method"]: r
-                for r in rows
-                if (r["model"], r["batch"], r["threads"]) == (model, batch, threads)
-            }
-            first = next(iter(cell.values()))
-            cells = [model, str(batch), f"{first['fp32_ms']:.2f}"]
-            if avx2:
-                cells.append(f"{first['fp32_avx2_ms']:.2f}")
-            for m in methods:
-                r = cell.get(m)
-                cells.append("-" if r is None else _speed_cell(r, avx2))
+        table = Table(title=f"{threads} thread(s): ms per batch (x = speed-up over float32 torch)")
+        heads = ["model", "batch", "method", "engine", "fp32 ms", "lowbit ms", "x"]
+        heads += ["x AVX2 fp32"] if avx2 else []
+        heads += ["ORT int8 ms", "ORT x", "lowbit / ORT", "peak RSS MiB"]
+        for h in heads:
+            table.add_column(h, justify="left" if h in ("model", "method", "engine") else "right")
+        for r in sorted(
+            (r for r in rows if r["threads"] == threads),
+            key=lambda r: (list(MODELS).index(r["model"]), r["batch"], METHODS.index(r["method"])),
+        ):
+            ort = r["ort_ms"]
+            cells = [r["model"], str(r["batch"]), r["method"], r["engine"]]
+            cells += [f"{r['fp32_ms']:.2f}", f"{r['lowbit_ms']:.2f}", f"{r['speedup']:.2f}"]
+            cells += [f"{r['speedup_avx2']:.2f}"] if avx2 else []
+            cells += ["-", "-", "-"] if ort is None else [
+                f"{ort:.2f}", f"{r['speedup_ort']:.2f}", f"{ort / r['lowbit_ms']:.2f}"
+            ]  # fmt: skip
+            rss = r.get("peak_rss_mib")
+            cells.append("-" if rss is None else f"{rss:.0f}")
             table.add_row(*cells)
         console.print(table)
-
-
-def _speed_cell(row: dict[str, Any], avx2: bool) -> str:
-    ratios = f"{row['speedup']:.2f}x" + (f" / {row['speedup_avx2']:.2f}x" if avx2 else "")
-    return f"{row['lowbit_ms']:.2f} ({ratios})"
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -221,6 +277,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
     p.add_argument("--avx2-baseline", action="store_true", help="also fp32 torch on AVX2 only")
     p.add_argument("--smoke", action="store_true", help="tiny: one model, batch 1, one round")
+    p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime on the ONNX export")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -245,7 +303,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     console.print(speed_header(meta, args.rounds))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = export_all(args.models, args.methods, Path(tmp))
+        files = export_all(args.models, args.methods, Path(tmp), onnx=not args.no_ort)
+        if not args.no_memory:
+            for per_method in files.values():
+                for f in per_method.values():
+                    f["rss"] = {str(b): peak_rss(str(f["lowbit"]), b) for b in args.batches}
         for threads in args.threads:
             spec = {
                 "files": files,
@@ -259,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             spec_path.write_text(json.dumps(spec))
             worker = ["--worker", str(spec_path)]
             rows += run_module("lowbit.bench.models", worker, thread_env(threads))
-    render(rows, args.methods, console)
+    render(rows, console)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)

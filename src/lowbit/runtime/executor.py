@@ -39,6 +39,7 @@ time, so the integer dots are exact (see :mod:`lowbit.runtime.packed`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from . import kernels
+from .fused import FusedEngine, Unsupported
 from .graph import Graph, GraphError, Node
 from .integer import IntegerProgram, compile_integer
 from .packed import Bits, PackedGemm, ThresholdPlan, pack_activation
@@ -887,7 +889,9 @@ class Model:
     equal the fake-quant model's to float tolerance); ``"integer"`` runs the integer-only engine
     of :mod:`lowbit.runtime.integer` (uint8/int8 codes, int32 accumulators, fixed-point
     requantisation; a GraphError for a graph that is not integer-only); ``"auto"`` takes the
-    integer engine where the graph allows it. ``self.engine`` says which one runs.
+    integer engine where the graph allows it. ``self.engine`` says which one runs. The integer
+    engine runs on the fused C engine (:mod:`lowbit.runtime.fused`, ``self.fused``; same results
+    bit for bit) when it supports every part of the graph, else in numpy.
 
     Built from a validated :class:`Graph` (:func:`lowbit.runtime.load` reads one from a
     ``.lowbit`` file). Construction checks every shape (:func:`infer_shapes`), decodes the
@@ -916,6 +920,10 @@ class Model:
                 if engine == "integer":
                     raise
         self.engine = "float" if self.integer is None else "integer"
+        self.fused: FusedEngine | None = None
+        if self.integer is not None:
+            with contextlib.suppress(Unsupported):  # else the integer program runs in numpy
+                self.fused = FusedEngine(self.integer)
         self.program = None
         if self.integer is None:
             from .program import Program  # imports this module
@@ -947,6 +955,8 @@ class Model:
                 f"x must be a real array of shape [N, {', '.join(map(str, self.input_shape))}], "
                 f"got dtype {arr.dtype} and shape {list(arr.shape)}"
             )
+        if self.fused is not None:
+            return self.fused(arr)
         if self.integer is not None:
             return self.integer.run(arr.astype(F32)).astype(F32)
         assert self.program is not None
