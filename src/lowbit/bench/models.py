@@ -131,14 +131,15 @@ def ort_session(path: str, threads: int) -> Any:
 
 
 def peak_rss(path: str, batch: int) -> float:
-    """Peak resident memory (MiB) of a fresh torch-free process that loads ``path`` and runs
-    one forward pass of ``batch`` samples (the runtime's footprint: weights as it holds them,
-    activations, scratch)."""
+    """Peak resident memory (MiB, ``VmHWM``: not inherited across ``exec`` as ``ru_maxrss`` is)
+    of a fresh torch-free process that loads ``path`` and runs one forward pass of ``batch``
+    samples (the runtime's footprint: interpreter, numpy, weights as held, activations)."""
     code = (
-        "import resource, sys, numpy as np, lowbit.runtime as rt\n"
+        "import sys, numpy as np, lowbit.runtime as rt\n"
         "m = rt.load(sys.argv[1], engine='auto')\n"
         "m(np.zeros([int(sys.argv[2]), *m.input_shape], np.float32))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "print(int(hwm[0].split()[1]) / 1024)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, path, str(batch)], capture_output=True, text=True, check=True
