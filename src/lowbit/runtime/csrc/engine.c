@@ -103,7 +103,7 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
                                void *out) {
     const int64_t N = s[F_OC], L = s[F_X2];
     const int32_t *c = PTR(s[F_P1]), *m0 = PTR(s[F_P2]), *lsh = PTR(s[F_P3]),
-                  *rsh = PTR(s[F_P4]);
+                  *rsh = PTR(s[F_P4]); /* CONV_EXACT: P3 is the int64 bias */
     const int32_t lo = (int32_t)s[F_X4], hi = (int32_t)s[F_X5], zp = (int32_t)s[F_X6];
     for (int64_t r = 0; r < rows; r++) {
         const int32_t *t = tile + r * ldt;
@@ -113,16 +113,29 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
             continue;
         }
         int32_t y[N];
-        for (int64_t n = 0; n < N; n++) {
-            /* exact: the plan bounds |(raw - zp colsum) 2^L + bias| below 2^31 */
-            const int32_t v = (int32_t)(((uint32_t)t[n] << L) + (uint32_t)c[n]);
-            int64_t w = (int64_t)v << lsh[n];
-            w = w < INT32_MIN ? INT32_MIN : (w > INT32_MAX ? INT32_MAX : w);
-            const int32_t x = (int32_t)(uint32_t)((uint64_t)(w * m0[n] + (1LL << 30)) >> 31);
-            const int32_t e = rsh[n], mask = (int32_t)((1u << e) - 1u);
-            int32_t q = (x >> e) + ((x & mask) > ((mask >> 1) + (x < 0)));
-            q = q < lo ? lo : (q > hi ? hi : q);
-            y[n] = q + zp;
+        if (s[F_X7] == CONV_EXACT) {
+            /* single rounding: Z + round_half_even((acc m0 + bias) 2^-shift), |.| < 2^62 */
+            const int64_t *bq = PTR(s[F_P3]);
+            for (int64_t n = 0; n < N; n++) {
+                const int32_t acc = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
+                const int64_t v = (int64_t)acc * m0[n] + bq[n], e = rsh[n];
+                const int64_t half = (int64_t)1 << (e - 1), q = v >> e, rem = v & (2 * half - 1);
+                int64_t o = q + ((rem > half) | ((rem == half) & (q & 1)));
+                o = o < lo ? lo : (o > hi ? hi : o);
+                y[n] = (int32_t)o + zp;
+            }
+        } else {
+            for (int64_t n = 0; n < N; n++) {
+                /* gemmlowp: exact while |(raw - zp colsum) 2^L + bias| < 2^31 (checked by the plan) */
+                const int32_t v = (int32_t)(((uint32_t)t[n] << L) + (uint32_t)c[n]);
+                int64_t w = (int64_t)v << lsh[n];
+                w = w < INT32_MIN ? INT32_MIN : (w > INT32_MAX ? INT32_MAX : w);
+                const int32_t x = (int32_t)(uint32_t)((uint64_t)(w * m0[n] + (1LL << 30)) >> 31);
+                const int32_t e = rsh[n], mask = (int32_t)((1u << e) - 1u);
+                int32_t q = (x >> e) + ((x & mask) > ((mask >> 1) + (x < 0)));
+                q = q < lo ? lo : (q > hi ? hi : q);
+                y[n] = q + zp;
+            }
         }
         if (s[F_TO]) {
             memcpy((int32_t *)out + r * N, y, (size_t)N * sizeof(int32_t));

@@ -11,10 +11,12 @@
  *
  * Steps:
  *   QUANT    float32 NCHW input -> codes: clip(rint(x * inv), lo, hi) + zp (float32, as numpy)
- *   CONV     im2col (in C, per row block) -> GEMM (uint8 x int8) -> fused output stage:
- *            v = (raw << L) + c[n] (int32, exact by the plan's bounds), gemmlowp requantisation
- *            (saturating left shift, SRDHM by m0, rounding right shift), clamp, + zero point;
- *            or (mode ACC) the accumulator v itself. Linear layers are 1x1 convolutions.
+ *   CONV     im2col (in C, per row block) -> GEMM (uint8 x int8) -> fused output stage on the
+ *            accumulator acc = raw + c[n] (c: minus the input zero point times the weight
+ *            column sums): EXACT Z + round_half_even((acc m0 + bias) 2^-shift) in int64, or
+ *            REQUANT gemmlowp ((acc << L) + bias in int32, exact by the plan's bounds;
+ *            saturating left shift, SRDHM by m0, rounding right shift), clamped; or ACC the
+ *            accumulator itself. Linear layers are 1x1 convolutions.
  *   RESCALE  codes from one grid to another: pow2 rounding shift, fixed-point multiplier, or
  *            none (offset / clamp only: ReLU, clamp, dtype change)
  *   ADD      both operands rescaled to the common grid, clip(a + b - Z), rescaled to the
@@ -65,7 +67,7 @@ enum {
 /* rescale modes (F_R1) */
 enum { RS_NONE = 0, RS_POW2 = 1, RS_MULT = 2 };
 /* CONV modes (F_X7) */
-enum { CONV_REQUANT = 0, CONV_ACC = 1 };
+enum { CONV_REQUANT = 0, CONV_ACC = 1, CONV_EXACT = 2 };
 
 /* GEMM layout constants */
 #define ENG_MB 48 /* rows per block (a multiple of the register blocks) */

@@ -163,31 +163,57 @@ class _Builder:
             m0 = lsh = rsh = np.zeros(n_out, np.int32)
             fields |= {"x2": 0, "x7": S.CONV_ACC}
         else:
-            hr = int(ep.headroom)
-            centred = max(gin.zero_point - gin.qmin, gin.qmax - gin.zero_point)
-            acc_bound = int(np.abs(w).sum(axis=1).max(initial=0)) * centred
-            if acc_bound * 2**hr + int(np.abs(ep.bias_q).max(initial=0)) > INT32_MAX:
-                raise Unsupported(f"{where}: accumulator with headroom may overflow int32")
-            c = _wrap32(ep.bias_q.astype(np.int64) - za * colsum * 2**hr)
-            shift = ep.shift.astype(np.int64)
-            dead = shift > 31
-            m0 = np.where(dead, 0, ep.m0).astype(np.int32)
-            rsh = np.where(dead, 0, np.maximum(shift, 0)).astype(np.int32)
-            lsh = np.maximum(-shift, 0).astype(np.int32)
             g = ep.grid
             lo, hi = self.fused_clamp.get(step.name, (g.qmin, g.qmax))
             fields |= {
-                "x2": hr,
                 "x4": max(lo - g.zero_point, INT32_MIN),
                 "x5": min(hi - g.zero_point, INT32_MAX),
                 "x6": g.zero_point + o.offset,
-                "x7": S.CONV_REQUANT,
             }
-        params = [packed, c, m0.astype(np.int32), lsh.astype(np.int32), rsh.astype(np.int32)]
+            if getattr(ep, "exact", False):
+                c, m0, rsh, bias = self.exact_stage(ep, za * colsum, where)
+                lsh = bias  # the int64 bias takes the left-shift slot (p3)
+                fields |= {"x2": 0, "x7": S.CONV_EXACT}
+            else:
+                c, m0, lsh, rsh, hr = self.gemmlowp_stage(ep, za * colsum, gin, w, where)
+                fields |= {"x2": hr, "x7": S.CONV_REQUANT}
+        params = [packed, c, m0, lsh, rsh]
         work = hwc[0] * hwc[1] * n_out * k
         self.plan.steps.append(StepSpec(S.CONV, [src], out, fields, params, scratch, work))
         if ep.grid is None:
             self.dequant(out, n_out)
+
+    @staticmethod
+    def exact_stage(ep: Any, zp_colsum: NDArray[np.int64], where: str) -> tuple[NDArray, ...]:
+        """Single-rounding stage: (c, m0, shift, int64 bias) of the integer program's exact
+        epilogue ``Z + round_half_even((acc m0 + bias_q) 2^-shift)``."""
+        m0, shift = ep.m0.astype(np.int64), ep.shift.astype(np.int64)
+        if m0.min(initial=0) < 0 or m0.max(initial=0) > INT32_MAX or shift.min(initial=1) < 1:
+            raise Unsupported(f"{where}: multiplier outside the C stage's range")
+        if shift.max(initial=1) > 62:
+            raise Unsupported(f"{where}: shift beyond 62 bits")
+        c = _wrap32(-zp_colsum)
+        bias = np.ascontiguousarray(ep.bias_q, np.int64)
+        return c, m0.astype(np.int32), shift.astype(np.int32), bias
+
+    @staticmethod
+    def gemmlowp_stage(
+        ep: Any, zp_colsum: NDArray[np.int64], gin: Grid, w: NDArray[np.int64], where: str
+    ) -> tuple[Any, ...]:
+        """gemmlowp stage with headroom: (c, m0, left shift, right shift, headroom), ``c``
+        folding the bias and the zero-point correction into one wrapping int32 add."""
+        hr = int(ep.headroom)
+        centred = max(gin.zero_point - gin.qmin, gin.qmax - gin.zero_point)
+        acc_bound = int(np.abs(w).sum(axis=1).max(initial=0)) * centred
+        if acc_bound * 2**hr + int(np.abs(ep.bias_q).max(initial=0)) > INT32_MAX:
+            raise Unsupported(f"{where}: accumulator with headroom may overflow int32")
+        c = _wrap32(ep.bias_q.astype(np.int64) - zp_colsum * 2**hr)
+        shift = ep.shift.astype(np.int64)
+        dead = shift > 31  # every SRDHM result (never INT32_MIN) then rounds to 0
+        m0 = np.where(dead, 0, ep.m0).astype(np.int32)
+        rsh = np.where(dead, 0, np.maximum(shift, 0)).astype(np.int32)
+        lsh = np.maximum(-shift, 0).astype(np.int32)
+        return c, m0, lsh, rsh, hr
 
     def dequant(self, acc: str, n_out: int) -> None:
         t = self.plan.tensors[acc]

@@ -30,7 +30,7 @@ NAMES = (
 F = {name: i for i, name in enumerate(NAMES)}
 FIELDS = len(NAMES)
 RS_NONE, RS_POW2, RS_MULT = 0, 1, 2
-CONV_REQUANT, CONV_ACC = 0, 1
+CONV_REQUANT, CONV_ACC, CONV_EXACT = 0, 1, 2
 U8, I32 = 0, 1
 
 
