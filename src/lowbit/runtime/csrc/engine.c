@@ -4,6 +4,7 @@
  * best clone runs; integer results do not depend on the clone). The GEMM's ISA is the one the
  * plan packed the weights for (field F_R0 of a CONV step), chosen at load.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -98,6 +99,35 @@ static ALWAYS_INLINE void rescale_blk(int64_t *v, int64_t n, const int64_t *r) {
 
 /* ---------------------------------------------------------------- CONV */
 
+#define AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
+
+/* The exact stage (see conv_output) on 8 channels at a time: 32x32->64-bit vpmuldq, variable
+ * 64-bit shifts, 64-bit clamps; codes written as uint8 or int32. */
+static AVX512_TARGET void exact_row_avx512(const int64_t *s, const int32_t *t, void *out) {
+    const int64_t N = s[F_OC];
+    const int32_t *c = PTR(s[F_P1]), *m0 = PTR(s[F_P2]), *rsh = PTR(s[F_P4]);
+    const int64_t *bq = PTR(s[F_P3]);
+    const __m512i lo = _mm512_set1_epi64(s[F_X4]), hi = _mm512_set1_epi64(s[F_X5]);
+    const __m512i zp = _mm512_set1_epi64(s[F_X6]), one = _mm512_set1_epi64(1);
+    for (int64_t n = 0; n < N; n += 8) {
+        const __mmask8 k = N - n >= 8 ? 0xFF : (__mmask8)((1u << (N - n)) - 1);
+        const __m256i acc = _mm256_add_epi32(_mm256_maskz_loadu_epi32(k, t + n),
+                                             _mm256_maskz_loadu_epi32(k, c + n));
+        const __m512i a = _mm512_cvtepi32_epi64(acc);
+        const __m512i m = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, m0 + n));
+        const __m512i e = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, rsh + n));
+        const __m512i v = _mm512_add_epi64(_mm512_mul_epi32(a, m), _mm512_maskz_loadu_epi64(k, bq + n));
+        const __m512i hm1 = _mm512_sub_epi64(_mm512_sllv_epi64(one, _mm512_sub_epi64(e, one)), one);
+        const __m512i odd = _mm512_and_si512(_mm512_srav_epi64(v, e), one);
+        __m512i o = _mm512_srav_epi64(_mm512_add_epi64(_mm512_add_epi64(v, hm1), odd), e);
+        o = _mm512_add_epi64(_mm512_min_epi64(_mm512_max_epi64(o, lo), hi), zp);
+        if (s[F_TO])
+            _mm256_mask_storeu_epi32((int32_t *)out + n, k, _mm512_cvtepi64_epi32(o));
+        else
+            _mm_mask_storeu_epi8((uint8_t *)out + n, k, _mm512_cvtepi64_epi8(o));
+    }
+}
+
 /* Output stage of rows x N accumulators (tile, row stride ldt) into out (row stride N). */
 CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ldt, int64_t rows,
                                void *out) {
@@ -112,15 +142,20 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
             for (int64_t n = 0; n < N; n++) o[n] = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
             continue;
         }
+        if (s[F_X7] == CONV_EXACT && s[F_R0] == ENG_ISA_AVX512VNNI) {
+            exact_row_avx512(s, t, (char *)out + r * N * (s[F_TO] ? 4 : 1));
+            continue;
+        }
         int32_t y[N];
         if (s[F_X7] == CONV_EXACT) {
             /* single rounding: Z + round_half_even((acc m0 + bias) 2^-shift), |.| < 2^62 */
             const int64_t *bq = PTR(s[F_P3]);
+#pragma omp simd
             for (int64_t n = 0; n < N; n++) {
                 const int32_t acc = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
                 const int64_t v = (int64_t)acc * m0[n] + bq[n], e = rsh[n];
-                const int64_t half = (int64_t)1 << (e - 1), q = v >> e, rem = v & (2 * half - 1);
-                int64_t o = q + ((rem > half) | ((rem == half) & (q & 1)));
+                /* (v + half - 1 + odd(floor(v / 2^e))) >> e rounds half to even */
+                int64_t o = (v + (((int64_t)1 << (e - 1)) - 1) + ((v >> e) & 1)) >> e;
                 o = o < lo ? lo : (o > hi ? hi : o);
                 y[n] = (int32_t)o + zp;
             }
