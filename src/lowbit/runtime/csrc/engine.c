@@ -128,6 +128,43 @@ static AVX512_TARGET void exact_row_avx512(const int64_t *s, const int32_t *t, v
     }
 }
 
+/* The same on 4 channels at a time with AVX2 (64-bit arithmetic shifts and clamps emulated);
+ * returns the first channel left for the scalar loop. */
+static AVX2_TARGET int64_t exact_row_avx2(const int64_t *s, const int32_t *t, void *out) {
+    const int64_t N = s[F_OC];
+    const int32_t *c = PTR(s[F_P1]), *m0 = PTR(s[F_P2]), *rsh = PTR(s[F_P4]);
+    const int64_t *bq = PTR(s[F_P3]);
+    const __m256i lo = _mm256_set1_epi64x(s[F_X4]), hi = _mm256_set1_epi64x(s[F_X5]);
+    const __m256i zp = _mm256_set1_epi64x(s[F_X6]), one = _mm256_set1_epi64x(1);
+    const __m256i zero = _mm256_setzero_si256(), low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const __m128i acc = _mm_add_epi32(_mm_loadu_si128((const __m128i *)(t + n)),
+                                          _mm_loadu_si128((const __m128i *)(c + n)));
+        const __m256i m = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(m0 + n)));
+        const __m256i e = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(rsh + n)));
+        const __m256i v = _mm256_add_epi64(_mm256_mul_epi32(_mm256_cvtepi32_epi64(acc), m),
+                                           _mm256_loadu_si256((const __m256i *)(bq + n)));
+        const __m256i hm1 = _mm256_sub_epi64(_mm256_sllv_epi64(one, _mm256_sub_epi64(e, one)), one);
+        __m256i sign = _mm256_cmpgt_epi64(zero, v);
+        const __m256i q = _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(v, sign), e), sign);
+        const __m256i w = _mm256_add_epi64(_mm256_add_epi64(v, hm1), _mm256_and_si256(q, one));
+        sign = _mm256_cmpgt_epi64(zero, w);
+        __m256i o = _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(w, sign), e), sign);
+        o = _mm256_blendv_epi8(o, lo, _mm256_cmpgt_epi64(lo, o));
+        o = _mm256_blendv_epi8(o, hi, _mm256_cmpgt_epi64(o, hi));
+        const __m128i d = _mm256_castsi256_si128(
+            _mm256_permutevar8x32_epi32(_mm256_add_epi64(o, zp), low));
+        if (s[F_TO]) {
+            _mm_storeu_si128((__m128i *)((int32_t *)out + n), d);
+        } else {
+            const int32_t b = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packus_epi32(d, d), d));
+            memcpy((uint8_t *)out + n, &b, 4);
+        }
+    }
+    return n;
+}
+
 /* Output stage of rows x N accumulators (tile, row stride ldt) into out (row stride N). */
 CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ldt, int64_t rows,
                                void *out) {
@@ -135,23 +172,25 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
     const int32_t *c = PTR(s[F_P1]), *m0 = PTR(s[F_P2]), *lsh = PTR(s[F_P3]),
                   *rsh = PTR(s[F_P4]); /* CONV_EXACT: P3 is the int64 bias */
     const int32_t lo = (int32_t)s[F_X4], hi = (int32_t)s[F_X5], zp = (int32_t)s[F_X6];
+    const int64_t esize = s[F_TO] ? 4 : 1;
     for (int64_t r = 0; r < rows; r++) {
         const int32_t *t = tile + r * ldt;
+        void *orow = (char *)out + r * N * esize;
         if (s[F_X7] == CONV_ACC) {
             int32_t *o = (int32_t *)out + r * N;
             for (int64_t n = 0; n < N; n++) o[n] = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
             continue;
         }
         if (s[F_X7] == CONV_EXACT && s[F_R0] == ENG_ISA_AVX512VNNI) {
-            exact_row_avx512(s, t, (char *)out + r * N * (s[F_TO] ? 4 : 1));
+            exact_row_avx512(s, t, orow);
             continue;
         }
         int32_t y[N];
+        int64_t n0 = 0;
+        if (s[F_X7] == CONV_EXACT && s[F_R0] == ENG_ISA_AVX2) n0 = exact_row_avx2(s, t, orow);
         if (s[F_X7] == CONV_EXACT) {
-            /* single rounding: Z + round_half_even((acc m0 + bias) 2^-shift), |.| < 2^62 */
             const int64_t *bq = PTR(s[F_P3]);
-#pragma omp simd
-            for (int64_t n = 0; n < N; n++) {
+            for (int64_t n = n0; n < N; n++) {
                 const int32_t acc = (int32_t)((uint32_t)t[n] + (uint32_t)c[n]);
                 const int64_t v = (int64_t)acc * m0[n] + bq[n], e = rsh[n];
                 /* (v + half - 1 + odd(floor(v / 2^e))) >> e rounds half to even */
@@ -173,10 +212,9 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
             }
         }
         if (s[F_TO]) {
-            memcpy((int32_t *)out + r * N, y, (size_t)N * sizeof(int32_t));
+            memcpy((int32_t *)orow + n0, y + n0, (size_t)(N - n0) * sizeof(int32_t));
         } else {
-            uint8_t *o = (uint8_t *)out + r * N;
-            for (int64_t n = 0; n < N; n++) o[n] = (uint8_t)y[n];
+            for (int64_t n = n0; n < N; n++) ((uint8_t *)orow)[n] = (uint8_t)y[n];
         }
     }
 }
@@ -345,16 +383,24 @@ static void step_slice(const int64_t *s) {
     const char *in = PTR(s[F_IN0]);
     char *out = PTR(s[F_OUT]);
     const int64_t H = s[F_H], W = s[F_W], C = s[F_C], OH = s[F_OH], OW = s[F_OW], OC = s[F_OC];
+    const int64_t sc = s[F_X7];
     const size_t e = s[F_T0] ? 4 : 1;
     for (int64_t b = 0; b < s[F_B]; b++)
         for (int64_t y = 0; y < OH; y++)
-            for (int64_t x = 0; x < OW; x++)
-                for (int64_t c = 0; c < OC; c++) {
-                    const int64_t iy = s[F_X1] + y * s[F_X5], ix = s[F_X2] + x * s[F_X6];
-                    const int64_t ic = s[F_X3] + c * s[F_X7];
-                    memcpy(out + (((b * OH + y) * OW + x) * OC + c) * e,
-                           in + (((b * H + iy) * W + ix) * C + ic) * e, e);
+            for (int64_t x = 0; x < OW; x++) {
+                const int64_t iy = s[F_X1] + y * s[F_X5], ix = s[F_X2] + x * s[F_X6];
+                const int64_t src = ((b * H + iy) * W + ix) * C + s[F_X3];
+                const int64_t dst = ((b * OH + y) * OW + x) * OC;
+                if (sc == 1) {
+                    memcpy(out + dst * e, in + src * e, OC * e);
+                } else if (e == 4) {
+                    for (int64_t c = 0; c < OC; c++)
+                        ((int32_t *)out)[dst + c] = ((const int32_t *)in)[src + c * sc];
+                } else {
+                    for (int64_t c = 0; c < OC; c++)
+                        ((uint8_t *)out)[dst + c] = ((const uint8_t *)in)[src + c * sc];
                 }
+            }
 }
 
 static void step_pad(const int64_t *s) {
