@@ -84,11 +84,12 @@ static ALWAYS_INLINE void rescale_blk(int64_t *v, int64_t n, const int64_t *r) {
             v[j] = clamp64(y + z1, lo, hi);
         }
     } else if (r[1] == RS_MULT) {
-        const int64_t m0 = r[2], ls = r[3], e = r[4];
+        const int32_t m0 = (int32_t)r[2]; /* in [0, 2^31) */
+        const int64_t ls = r[3], e = r[4];
         const int64_t mask = (int64_t)(((uint64_t)1 << e) - 1), half = mask >> 1;
         for (int64_t j = 0; j < n; j++) {
-            const int64_t c = clamp_i32(clamp_i32(v[j] - z0) * ((int64_t)1 << ls));
-            const int64_t x = (c * m0 + ((int64_t)1 << 30)) >> 31;
+            const int32_t c = (int32_t)clamp_i32(clamp_i32(v[j] - z0) * ((int64_t)1 << ls));
+            const int32_t x = (int32_t)(((int64_t)c * m0 + ((int64_t)1 << 30)) >> 31);
             const int64_t y = (x >> e) + ((x & mask) > half + (x < 0));
             v[j] = clamp64(y + z1, lo, hi);
         }
@@ -219,6 +220,15 @@ CLONES static void conv_output(const int64_t *s, const int32_t *tile, int64_t ld
     }
 }
 
+/* n bytes from s to d in 16-byte pieces (the runs here are a few channels long: a libc call
+ * per run would cost more than the copy). */
+static inline void copy_run(uint8_t *d, const uint8_t *s, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm_storeu_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
+    for (; i < n; i++) d[i] = s[i];
+}
+
 /* im2col rows [m0, m0 + rows) of a NHWC uint8 input into a (row stride Kp, zero past K). */
 static void gather(const int64_t *s, int64_t m0, int64_t rows, uint8_t *a) {
     const uint8_t *in = PTR(s[F_IN0]);
@@ -232,7 +242,7 @@ static void gather(const int64_t *s, int64_t m0, int64_t rows, uint8_t *a) {
         for (int64_t ky = 0; ky < KH; ky++) {
             const int64_t iy = oy * s[F_SH] - s[F_PH] + ky;
             if (iy >= 0 && iy < H && ix0 >= 0 && ix0 + KW <= W) { /* one run of KW pixels */
-                memcpy(d, in + ((b * H + iy) * W + ix0) * C, (size_t)(KW * C));
+                copy_run(d, in + ((b * H + iy) * W + ix0) * C, KW * C);
                 d += KW * C;
                 continue;
             }
@@ -241,7 +251,7 @@ static void gather(const int64_t *s, int64_t m0, int64_t rows, uint8_t *a) {
                 if (iy < 0 || iy >= H || ix < 0 || ix >= W)
                     memset(d, pad, (size_t)C);
                 else
-                    memcpy(d, in + ((b * H + iy) * W + ix) * C, (size_t)C);
+                    copy_run(d, in + ((b * H + iy) * W + ix) * C, C);
             }
         }
         memset(d, 0, (size_t)(Kp - K));
@@ -288,7 +298,8 @@ CLONES static void step_rescale(const int64_t *s) {
 }
 
 /* out = rescale_R(clip(rescale_Q(a) + rescale_U(b) - Z, lo, hi)): both operands brought to the
- * common grid (zero point Z), added, clipped to it, and moved to the output grid. */
+ * common grid (zero point Z), added, clipped to it, and moved to the output grid; out2, when
+ * set, = rescale_V(out) (the copy on another grid a later step reads). */
 CLONES static void step_add(const int64_t *s) {
     const int64_t n = elements(s), z = s[F_X0], lo = s[F_X1], hi = s[F_X2];
 #pragma omp parallel for num_threads((int)s[F_THREADS]) schedule(static)
@@ -302,6 +313,10 @@ CLONES static void step_add(const int64_t *s) {
         for (int64_t j = 0; j < m; j++) a[j] = clamp64(a[j] + b[j] - z, lo, hi);
         rescale_blk(a, m, s + F_R0);
         store_blk(PTR(s[F_OUT]), s[F_TO], i0, m, a);
+        if (s[F_OUT2]) {
+            rescale_blk(a, m, s + F_V0);
+            store_blk(PTR(s[F_OUT2]), s[F_T2], i0, m, a);
+        }
     }
 }
 

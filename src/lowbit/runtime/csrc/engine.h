@@ -60,6 +60,8 @@ enum {
     F_R0, F_R1, F_R2, F_R3, F_R4, F_R5, F_R6, F_R7, /* a rescale (RESCALE, ADD output)     */
     F_Q0, F_Q1, F_Q2, F_Q3, F_Q4, F_Q5, F_Q6, F_Q7, /* ADD: rescale of the first operand   */
     F_U0, F_U1, F_U2, F_U3, F_U4, F_U5, F_U6, F_U7, /* ADD: rescale of the second operand  */
+    F_OUT2, F_T2,                /* ADD: a second output, rescaled from the first (or 0)   */
+    F_V0, F_V1, F_V2, F_V3, F_V4, F_V5, F_V6, F_V7, /* ADD: that rescale                   */
     F_THREADS, F_SCRATCH_BYTES,
     ENG_FIELDS
 };

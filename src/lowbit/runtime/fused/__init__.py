@@ -53,15 +53,16 @@ def _layout(plan: Plan, batch: int) -> tuple[dict[str, int], int]:
     offsets: dict[str, int] = {}
     top = 0
     for k, step in enumerate(plan.steps):
-        size = -(-plan.tensors[step.out].nbytes(batch) // ALIGN) * ALIGN
-        at = 0
-        for off, sz, _ in sorted(live):
-            if off - at >= size:
-                break
-            at = max(at, off + sz)
-        offsets[step.out] = at
-        live.append((at, size, step.out))
-        top = max(top, at + size)
+        for out in step.outs:
+            size = -(-plan.tensors[out].nbytes(batch) // ALIGN) * ALIGN
+            at = 0
+            for off, sz, _ in sorted(live):
+                if off - at >= size:
+                    break
+                at = max(at, off + sz)
+            offsets[out] = at
+            live.append((at, size, out))
+            top = max(top, at + size)
         live = [b for b in live if last.get(b[2], -1) > k]
     return offsets, top
 

@@ -386,4 +386,20 @@ def build_plan(program: IntegerProgram, isa: int, ext: Any) -> Plan:
             b.layer(step)
         else:
             b.op(step)
+    _merge_add_rescales(b.plan)
     return b.plan
+
+
+def _merge_add_rescales(plan: Plan) -> None:
+    """A RESCALE of an ADD's output becomes that ADD's second output (one pass instead of two:
+    the wide sum a later add reads, and its 8-bit copy the next layer reads)."""
+    producer = {s.out: s for s in plan.steps if s.op == S.ADD}
+    kept = []
+    for step in plan.steps:
+        add = producer.get(step.ins[0]) if step.op == S.RESCALE else None
+        if add is None or add.out2 is not None:
+            kept.append(step)
+            continue
+        add.out2 = step.out
+        add.fields |= {f"v{i}": step.fields[f"r{i}"] for i in range(8)}
+    plan.steps = kept

@@ -25,7 +25,7 @@ NAMES = (
     "ph", "pw", "t0", "t1", "to", "p0", "p1", "p2", "p3", "p4", "scratch", "x0", "x1", "x2",
     "x3", "x4", "x5", "x6", "x7", "r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7", "q0", "q1",
     "q2", "q3", "q4", "q5", "q6", "q7", "u0", "u1", "u2", "u3", "u4", "u5", "u6", "u7",
-    "threads", "scratch_bytes",
+    "out2", "t2", "v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "threads", "scratch_bytes",
 )  # fmt: skip
 F = {name: i for i, name in enumerate(NAMES)}
 FIELDS = len(NAMES)
@@ -103,6 +103,11 @@ class StepSpec:
     params: list[NDArray[Any]] = field(default_factory=list)
     scratch_bytes: int = 0
     work: int = 0
+    out2: str | None = None
+
+    @property
+    def outs(self) -> list[str]:
+        return [self.out] if self.out2 is None else [self.out, self.out2]
 
 
 def fill(
@@ -126,6 +131,9 @@ def fill(
         row[F[f"t{i}"]] = tensors[name].dtype
     row[F["out"]] = where[spec.out]
     row[F["to"]] = out.dtype
+    if spec.out2 is not None:
+        row[F["out2"]] = where[spec.out2]
+        row[F["t2"]] = tensors[spec.out2].dtype
     for i, p in enumerate(spec.params):
         row[F[f"p{i}"]] = p.ctypes.data
     for name, value in spec.fields.items():
