@@ -20,7 +20,7 @@ from lowbit.convert import quantize
 from lowbit.export import export
 from lowbit.models.resnet import ShortcutA
 from lowbit.runtime import compile_integer, kernels, load_graph
-from lowbit.runtime.fused import ISAS, FusedEngine, Unsupported, available_isas, default_isa
+from lowbit.runtime.fused import ISAS, FusedEngine, Unsupported, available_isas, default_isa, steps
 from lowbit.runtime.graph import Graph
 
 A8 = {"method": "affine", "bits": 8}
@@ -109,7 +109,17 @@ def test_bit_exact_with_the_integer_program(graphs: dict, method: str, isa: str)
     engine = FusedEngine(compile_integer(graph), _isa(isa))
     for batch in (1, 7):  # 7 x 144 first-layer rows: several row blocks, a partial one
         x = _inputs(batch, batch)
-        np.testing.assert_array_equal(engine(x), _reference(graph, x))
+        want = _reference(graph, x)
+        np.testing.assert_array_equal(engine(x, num_threads=1), want)
+    x = _inputs(48, 2)  # enough work that the steps run on both threads
+    np.testing.assert_array_equal(engine(x, num_threads=2), _reference(graph, x))
+
+
+def test_large_steps_split_over_threads(graphs: dict) -> None:
+    engine = FusedEngine(compile_integer(graphs["lsq"]))
+    engine(_inputs(48), num_threads=2)
+    rows = engine._instances[(48, 2)].rows
+    assert rows[:, steps.F["threads"]].max() == 2
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -167,3 +177,5 @@ def test_input_shape_is_checked(graphs: dict) -> None:
     engine = FusedEngine(compile_integer(graphs["lsq"]))
     with pytest.raises(ValueError, match="input must have shape"):
         engine(np.zeros((2, 3, 10, 12), np.float32))
+    with pytest.raises(ValueError, match="num_threads"):
+        engine(np.zeros((2, *SHAPE), np.float32), num_threads=0)

@@ -114,9 +114,9 @@ class FusedEngine:
             self._instances[key] = _Instance(rows, arena, output)
         return self._instances[key]
 
-    def __call__(self, x: NDArray[Any]) -> NDArray[np.float32]:
+    def __call__(self, x: NDArray[Any], num_threads: int | None = None) -> NDArray[np.float32]:
         """Float logits for a float input batch in the graph layout (``[N, C, H, W]`` or
-        ``[N, F]``)."""
+        ``[N, F]``); ``num_threads`` None: the OpenMP default (``OMP_NUM_THREADS``)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         h, w, c = self._in.hwc
         want = (c, h, w) if self._in.rank == 4 else (c,)
@@ -124,7 +124,10 @@ class FusedEngine:
             raise ValueError(
                 f"input must have shape [N, {', '.join(map(str, want))}], got {x.shape}"
             )
-        inst = self._instance(x.shape[0], max(1, self._ext.max_threads()))
+        threads = self._ext.max_threads() if num_threads is None else num_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"num_threads must be a positive integer or None, got {threads!r}")
+        inst = self._instance(x.shape[0], threads)
         inst.rows[0, S.F["in0"]] = x.ctypes.data
         self._ext.engine_run(inst.rows)
         out = inst.output.copy()
