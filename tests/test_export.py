@@ -36,7 +36,6 @@ from lowbit.models.resnet import ShortcutA
 from lowbit.nn import layer_weight_bias, weight_codes
 from lowbit.quant.base import QuantSpec
 from lowbit.runtime import Graph, Model, Node, graph_from_bytes, load, load_graph
-from lowbit.runtime.executor import dequantize
 from lowbit.train.checkpoint import save_checkpoint
 
 IN_SHAPE = (1, 16, 16)
@@ -160,9 +159,7 @@ def test_round_trip_stores_codes_not_latent_weights(method: str, tmp_path: Path)
         quantised += 1
         codes, spec = found
         np.testing.assert_array_equal(node.weight_codes, codes.numpy())
-        assert node.weight_spec["scheme"] == spec.scheme
-        assert (node.weight_spec["qmin"], node.weight_spec["qmax"]) == (spec.qmin, spec.qmax)
-        np.testing.assert_array_equal(node.weight_spec["scale"], spec.scale.numpy())
+        assert node.weight_spec == spec.to_contract()
         # only packed codes are stored, at the METHODS.md size
         assert entry["packing"] != "float32"
         raw = stored[f"{node.name}.weight"]
@@ -173,7 +170,7 @@ def test_round_trip_stores_codes_not_latent_weights(method: str, tmp_path: Path)
         with torch.no_grad():
             module.weight_quant.eval()
             fake = module.weight_quant(weight).numpy()
-        np.testing.assert_array_equal(dequantize(node.weight_codes, node.weight_spec), fake)
+        np.testing.assert_array_equal(node.weight_spec.dequantize(node.weight_codes), fake)
     assert quantised >= 1
     assert header["format"] == "lowbit" and header["version"] == 1
     assert header["num_classes"] == 10 and header["input_shape"] == [None, *IN_SHAPE]
@@ -286,24 +283,24 @@ def test_spec_and_codes_round_trip(scheme, bits, out, k, per_channel, asymmetric
         "linear",
         ["input"],
         weight_codes=codes.astype(np.int32),
-        weight_spec=lowbit.export.spec_to_numpy(spec),
+        weight_spec=spec.to_contract(),
         bias=rng.normal(size=out).astype(np.float32),
     )
-    graph = Graph(["input"], [None, k], [node], ["fc"], {"shapes": {"fc": [None, out]}})
+    graph = Graph(["input"], [None, k], [node], ["fc"])
     data = graph_to_bytes(graph, ternary_layout=layout)
     back = graph_from_bytes(data).nodes[0]
     np.testing.assert_array_equal(back.weight_codes, codes)
     for key in ("scheme", "bits", "qmin", "qmax", "axis", "signed"):
-        assert back.weight_spec[key] == getattr(spec, key)
+        assert getattr(back.weight_spec, key) == getattr(spec, key)
     for key in ("scale", "zero_point", "scale_neg"):
         want = getattr(spec, key)
-        got = back.weight_spec[key]
+        got = getattr(back.weight_spec, key)
         assert (got is None) == (want is None)
         if want is not None:
             np.testing.assert_array_equal(got, want.numpy())
     np.testing.assert_array_equal(back.bias, node.bias)
     torch_values = spec.dequantize(torch.from_numpy(codes)).numpy()
-    np.testing.assert_array_equal(dequantize(back.weight_codes, back.weight_spec), torch_values)
+    np.testing.assert_array_equal(back.weight_spec.dequantize(back.weight_codes), torch_values)
     (stored,) = (v for n, v in safetensors.numpy.load(data).items() if n == "fc.weight")
     assert stored.size == expected_nbytes(spec, out * k, layout)
 

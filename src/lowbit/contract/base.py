@@ -50,7 +50,8 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
             return False
-        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
+        kinds = a.dtype.kind == b.dtype.kind  # int8 and int32 codes of equal values are equal
+        return kinds and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -59,7 +60,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class Record:
-    """A dataclass whose equality compares arrays exactly (dtype, shape and values)."""
+    """A dataclass whose equality compares arrays exactly (kind of dtype, shape and values)."""
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
