@@ -7,8 +7,11 @@ the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from torch import nn
 import lowbit
 import lowbit.export
 from lowbit.export import (
+    ExportError,
     build_graph,
     build_graph_with_values,
     export,
@@ -405,11 +409,71 @@ def test_write_is_atomic(tmp_path: Path) -> None:
     graph = build_graph(quantized_net("bnn"), IN_SHAPE)
     write_graph(graph, path)
     original = path.read_bytes()
-    broken = Graph(["input"], [None, 4], [Node("fc", "linear", ["nope"])], ["fc"])
-    with pytest.raises(ValueError):
+    fc = Node("fc", "linear", ["nope"], weight_float=np.ones((2, 4), np.float32))
+    broken = Graph(["input"], [None, 4], [fc], ["fc"])
+    with pytest.raises(ValueError, match="'nope' is not defined"):
         write_graph(broken, path)
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["m.lowbit"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_have_normal_permissions(tmp_path: Path, umask: int) -> None:
+    """0o666 less the umask, as any program's files, not mkstemp's private 0o600."""
+    graph = build_graph(quantized_net("bnn"), IN_SHAPE)
+    old = os.umask(umask)
+    try:
+        path = write_graph(graph, tmp_path / "new" / "deep" / "m.lowbit")  # folders created
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def _fail_with(code: int):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+class _FullDisk:
+    """``os.fdopen`` whose file refuses every write as a full disk does."""
+
+    def __init__(self, fd: int, mode: str) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(
+    ("where", "patch", "words"),
+    [
+        ("mkdir", lambda fs: ("mkdir", _fail_with(errno.EROFS)), "Read-only file system"),
+        ("mkstemp", lambda fs: ("mkstemp", _fail_with(errno.EACCES)), "Permission denied"),
+        ("write", lambda fs: ("fdopen", _FullDisk), "No space left on device"),
+    ],
+)
+def test_disk_refusals_are_one_line_errors_leaving_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, patch, words: str
+) -> None:
+    """A read-only folder or disk and a full disk (simulated where the OS call fails: root
+    ignores folder permissions) give one line naming the file; no temporary file stays."""
+    import lowbit.export.files as files
+
+    graph = build_graph(quantized_net("bnn"), IN_SHAPE)
+    name, fn = patch(files)
+    target = {"mkdir": Path, "mkstemp": files.tempfile, "fdopen": files.os}[name]
+    monkeypatch.setattr(target, name, fn)
+    with pytest.raises(ExportError, match=rf"^cannot write .*m\.lowbit: {words}$"):
+        write_graph(graph, tmp_path / "m.lowbit")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_package_is_callable(tmp_path: Path) -> None:

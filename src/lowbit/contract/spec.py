@@ -96,6 +96,8 @@ class CodeSpec(Record):
                 raise GraphError(
                     f"{key} must be a number or a vector, got shape {list(arr.shape)} ({arr.dtype})"
                 )
+            if self.axis is None and arr.size == 1:  # per tensor: one shape, () (files hold [1])
+                arr = arr.reshape(())
             object.__setattr__(self, key, frozen_array(arr))
         object.__setattr__(self, "bits", int(self.bits))
         object.__setattr__(self, "qmin", int(self.qmin))
