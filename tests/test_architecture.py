@@ -123,3 +123,22 @@ def test_runtime_imports_without_torch(module: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "False"
+
+
+def test_run_code_path_is_torch_free(tmp_path: Path) -> None:
+    """What ``lowbit run model.lowbit image.png`` does (load, read the image, classify) never
+    imports torch."""
+    image = tmp_path / "x.png"
+    model = Path(__file__).parent / "data" / "v1_lsq.lowbit"
+    code = (
+        "import sys; import numpy as np; from PIL import Image; "
+        f"Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save({str(image)!r}); "
+        "from lowbit.runtime import classify, load; "
+        f"out = classify(load({str(model)!r}), [{str(image)!r}], top_k=3); "
+        "assert len(out) == 1 and len(out[0][1]) == 3, out; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"

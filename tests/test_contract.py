@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from lowbit.export import build_graph, graph_to_bytes
 from lowbit.nn import weight_codes
 from lowbit.quant import create
 from lowbit.quant.base import QuantSpec
-from lowbit.runtime import LowbitFileError, loads
+from lowbit.runtime import LowbitFileError, load, loads
 from test_export import IN_SHAPE, quantized_net
 from test_fuzz_lowbit_file import edit, set_payload_bytes, split
 
@@ -292,3 +293,19 @@ def test_header_unchanged_struct() -> None:
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["lowbit"])
     assert header["version"] == 1
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("method", ["lsq", "ttq", "xnor", "dorefa", "affine"])
+def test_version_1_files_load_and_run_identically(method: str) -> None:
+    """Files written by the exporter before the contract types existed (tests/data, with the
+    logits that code computed) still load, and give the same logits bit for bit on both
+    engines."""
+    saved = np.load(DATA / f"v1_{method}.npz")
+    model = load(DATA / f"v1_{method}.lowbit")
+    np.testing.assert_array_equal(model(saved["x"]), saved["logits"])
+    auto = load(DATA / f"v1_{method}.lowbit", engine="auto")
+    np.testing.assert_array_equal(auto(saved["x"]), saved["integer"])
+    assert model.meta["preprocess"] == {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}

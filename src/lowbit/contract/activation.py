@@ -99,7 +99,7 @@ class StaticQuant(InputQuant):
         spec = self.spec
         if not isinstance(spec, CodeSpec):
             raise GraphError(f"a static input_quant needs a CodeSpec, got {type(spec).__name__}")
-        if spec.scheme not in ("uniform", "affine") or spec.scale.size != 1:
+        if not spec.uniform_grid or spec.scale.size != 1:
             raise GraphError("a static input_quant needs a per-tensor uniform/affine spec")
         inv = self.inv_scale
         if inv is not None:

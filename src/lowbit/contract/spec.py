@@ -37,9 +37,10 @@ from .base import (
     is_int,
 )
 
-__all__ = ["MAX_CODE", "SCHEMES", "SPEC_KEYS", "SPEC_TENSORS", "CodeSpec"]
+__all__ = ["MAX_CODE", "SCHEMES", "SPEC_KEYS", "SPEC_TENSORS", "UNIFORM_SCHEMES", "CodeSpec"]
 
 SCHEMES: tuple[str, ...] = ("binary", "ternary", "uniform", "affine", "pow2")
+UNIFORM_SCHEMES = ("uniform", "affine")
 MAX_CODE = 2**24
 """Largest ``|qmin|``, ``|qmax|`` accepted (codes are exact in float32 up to 2^24)."""
 SPEC_TENSORS = ("scale", "zero_point", "scale_neg")
@@ -127,12 +128,17 @@ class CodeSpec(Record):
         if self.scale_neg is not None and self.scheme != "ternary":
             raise GraphError("scale_neg is only for ternary weights")
         if self.zero_point is not None:
-            if self.scheme not in ("uniform", "affine"):
+            if self.scheme not in UNIFORM_SCHEMES:
                 raise GraphError(f"a {self.scheme} spec has no zero point")
             if self.scheme == "affine" and not np.all(self.zero_point == np.round(self.zero_point)):
                 raise GraphError(
                     f"affine zero point must be an integer, got {self.zero_point.reshape(-1)[0]}"
                 )
+
+    @property
+    def uniform_grid(self) -> bool:
+        """A ``uniform`` or ``affine`` spec: real ``s (c - zero_point)``."""
+        return self.scheme in UNIFORM_SCHEMES
 
     @property
     def per_channel(self) -> bool:
@@ -180,7 +186,7 @@ class CodeSpec(Record):
         if self.scheme == "ternary":
             neg = s if self.scale_neg is None else _channel(self.scale_neg, nd, self.axis)
             return np.where(c >= 0, s * c, neg * c).astype(F32)
-        if self.scheme in ("uniform", "affine"):
+        if self.scheme in UNIFORM_SCHEMES:
             if self.zero_point is None:
                 return s * c
             return s * (c - _channel(self.zero_point, nd, self.axis))

@@ -1,4 +1,4 @@
-"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.runtime.graph.Graph`.
+"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.contract.Graph`.
 
 :func:`build_graph` traces the model with ``torch.fx``, keeping quantised layers
 (``QuantConv2d``, ``QuantLinear``, ``ConvBnAct``), quantisers and standard ``torch.nn`` layers
@@ -264,7 +264,8 @@ class _Builder:
         else:
             raise self.fail(
                 n,
-                f"module type {type(m).__name__} is not supported by lowbit export (.lowbit and ONNX)",
+                f"module type {type(m).__name__} is not supported by lowbit export "
+                "(.lowbit and ONNX)",
             )
 
     def weighted(self, n: torch.fx.Node, m: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Write an inference :class:`~lowbit.runtime.graph.Graph` as a ``.lowbit`` file.
+"""Write an inference :class:`~lowbit.contract.Graph` as a ``.lowbit`` file.
 
 The layout is defined in :mod:`lowbit.runtime.loader` (the reader): one safetensors file whose
 ``__metadata__["lowbit"]`` is the JSON header (graph, shapes, methods, specs, tensor packings)

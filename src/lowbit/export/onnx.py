@@ -228,7 +228,7 @@ def _weight(g: _Onnx, node: Node, base: str) -> str:
     spec: CodeSpec | None = node.weight_spec
     if spec is None:
         return g.const(f"{base}.weight", node.weight_float)
-    zp = spec.integer_zero_point() if spec.scheme in ("uniform", "affine") else None
+    zp = spec.integer_zero_point() if spec.uniform_grid else None
     if zp is None:
         return g.const(f"{base}.weight", spec.dequantize(node.weight_codes))  # type: ignore[arg-type]
     lo, hi = min(spec.qmin, int(zp.min())), max(spec.qmax, int(zp.max()))

@@ -1,4 +1,4 @@
-"""Integer-arithmetic-only inference on a :class:`~lowbit.runtime.graph.Graph` (Jacob et al. 2018).
+"""Integer-arithmetic-only inference on a :class:`~lowbit.contract.Graph` (Jacob et al. 2018).
 
 :func:`compile_integer` turns a graph whose conv/linear layers have integer-valued weights and
 *static* input quantisers into an :class:`IntegerProgram`. Running it quantises the network input
@@ -33,7 +33,7 @@ saturated to int32 before requantisation. A ``batchnorm`` node that directly fol
 only consumer) is folded into that layer's per-channel multiplier and bias at compile time
 (``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel with ``g < 0``
 has its weight codes negated); any other ``batchnorm``, float weight, or non-static input
-quantiser makes :func:`compile_integer` raise a :class:`~lowbit.runtime.graph.GraphError`
+quantiser makes :func:`compile_integer` raise a :class:`~lowbit.contract.GraphError`
 naming the node ("not integer-only").
 
 Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero point (codes
@@ -148,7 +148,7 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
     scale = _channel_vector(node, spec.scale, n, "scale")
     view = (n,) + (1,) * (codes.ndim - 1)
     scheme = spec.scheme
-    if scheme in ("uniform", "affine"):
+    if spec.uniform_grid:
         zp = _channel_vector(
             node, 0.0 if spec.zero_point is None else spec.zero_point, n, "zero point"
         )
@@ -547,7 +547,7 @@ def compile_integer(graph: Graph, *, min_shift: int = MIN_SHIFT) -> IntegerProgr
     of accumulator headroom (see the module docstring); 0 gives plain gemmlowp requantisation
     everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
 
-    Raises :class:`~lowbit.runtime.graph.GraphError` naming the node when part of the graph is
+    Raises :class:`~lowbit.contract.GraphError` naming the node when part of the graph is
     not integer-only (float weights or activations, a BatchNorm that does not follow a layer,
     dynamic/sign input quantisers, asymmetric ternary weights) or unsupported.
     """

@@ -12,7 +12,7 @@ A ``.lowbit`` file is one `safetensors <https://github.com/huggingface/safetenso
      "num_classes": 10, "meta": {...free-form: producer, recipe, model, preprocess...},
      "nodes": [{"name": "conv1", "op": "conv2d", "inputs": ["input"], "attrs": {...},
                 "shape": [null, 16, 28, 28],
-                "methods": {"weights": "lsq", "activations": "lsq"},
+                "methods": {"weights": "<method>", "activations": "<method>"},
                 "weight": {"tensor": "conv1.weight", "spec": {"scheme": "uniform", "bits": 4,
                            "qmin": -8, "qmax": 7, "axis": null, "signed": true,
                            "scale": "conv1.weight.scale", "zero_point": null,
@@ -45,7 +45,7 @@ The reader validates before it allocates: file and header size limits, the safet
 the lowbit header (format, version, every key's type), and for every tensor that the header's
 packing, shape and byte count agree with the payload; element counts are bounded by
 :data:`MAX_ELEMENTS` and, through the byte counts, by the file size. Then it decodes the tensors,
-builds the :class:`~lowbit.runtime.graph.Graph` and validates it (references, shapes, specs,
+builds the :class:`~lowbit.contract.Graph` and validates it (references, shapes, specs,
 codes within their spec). Any problem is a :class:`LowbitFileError` naming the file.
 """
 
