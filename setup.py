@@ -12,13 +12,14 @@ import sys
 from setuptools import Extension, setup
 
 CSRC = "src/lowbit/runtime/csrc"
+SOURCES = ("module", "driver", "bitgemm", "int8gemm", "engine", "qgemm")
 openmp = sys.platform != "win32" and os.environ.get("LOWBIT_NO_OPENMP", "") in ("", "0")
 
 setup(
     ext_modules=[
         Extension(
             "lowbit.runtime._kernels",
-            sources=[f"{CSRC}/{name}.c" for name in ("module", "driver", "bitgemm", "int8gemm", "engine", "qgemm")],
+            sources=[f"{CSRC}/{name}.c" for name in SOURCES],
             depends=[f"{CSRC}/{h}.h" for h in ("lowbit_kernels", "transpose", "engine")],
             extra_compile_args=[
                 "-O3",

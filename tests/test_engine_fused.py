@@ -9,6 +9,7 @@ is skipped: its instructions would fault).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.contract import Graph
 from lowbit.convert import quantize
 from lowbit.export import export
 from lowbit.models.resnet import ShortcutA
 from lowbit.runtime import compile_integer, kernels, load_graph
 from lowbit.runtime.fused import ISAS, FusedEngine, Unsupported, available_isas, default_isa, steps
-from lowbit.runtime.graph import Graph
 
 A8 = {"method": "affine", "bits": 8}
 RECIPES = {
@@ -166,9 +167,13 @@ def test_isa_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unsupported_parts_name_the_node(graphs: dict) -> None:
     graph = copy.deepcopy(graphs["lsq"])
-    conv = next(n for n in graph.nodes if n.op == "conv2d" and n.weight_codes.shape[1] == 8)
-    conv.attrs["groups"] = 2
-    conv.weight_codes = np.ascontiguousarray(conv.weight_codes[:, :4])
+    i, conv = next(
+        (i, n)
+        for i, n in enumerate(graph.nodes)
+        if n.op == "conv2d" and n.weight_codes.shape[1] == 8
+    )
+    half = np.ascontiguousarray(conv.weight_codes[:, :4])
+    graph.nodes[i] = dataclasses.replace(conv, attrs={**conv.attrs, "groups": 2}, weight_codes=half)
     with pytest.raises(Unsupported, match=conv.name):
         FusedEngine(compile_integer(graph))
 

@@ -28,7 +28,6 @@ from lowbit.models import create_model
 from lowbit.nn import QuantConv2d
 from lowbit.quant import create
 from lowbit.runtime import Model, classify, load, read_input
-from lowbit.runtime.executor import quantize_input
 from test_export import (
     IN_SHAPE,
     LAYER_RTOL,
@@ -92,54 +91,6 @@ def test_kernel_choice() -> None:
     assert kinds["bnn"] == {"float", "binary"}
     assert kinds["xnor"] == {"float", "binary"}  # fc1 (beta per sample); conv2 has beta per pixel
     assert kinds["ttq"] == kinds["lsq"] == {"float"}
-
-
-def _observed(q):
-    """An activation quantiser after one training batch (EMA range, LSQ step) in eval mode."""
-    q.train()
-    with torch.no_grad():
-        q(torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(11)) * 2)
-    return q.eval()
-
-
-ACTIVATION_QUANTIZERS = {
-    "lsq 4-bit signed": lambda: _observed(create("lsq", "activation", bits=4)),
-    "lsq 3-bit unsigned": lambda: _observed(create("lsq", "activation", bits=3, signed=False)),
-    "pact 3-bit": lambda: create("pact", "activation", bits=3, alpha_init=1.7),
-    "dorefa 2-bit": lambda: create("dorefa", "activation", bits=2),
-    "affine 8-bit": lambda: _observed(create("affine", "activation")),
-    "stochastic 8-bit": lambda: create("stochastic", "activation").eval(),
-    "bnn": lambda: create("bnn", "activation"),
-}
-
-
-@pytest.mark.parametrize("name", list(ACTIVATION_QUANTIZERS))
-def test_runtime_spec_reproduces_the_quantiser(name: str) -> None:
-    """quantize_input(x, q.runtime_spec(x)) is q's eval forward bit for bit, rounding ties and
-    clipped values included."""
-    q = ACTIVATION_QUANTIZERS[name]()
-    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(12)) * 3
-    spec = q.runtime_spec(x)
-    if spec["kind"] == "static":  # exact half-steps of the grid
-        step = float(np.asarray(spec["spec"]["scale"]))
-        x[0] = (torch.arange(75).reshape(3, 5, 5) - 30 + 0.5) * step
-    with torch.no_grad():
-        ref = q(x).numpy()
-    np.testing.assert_array_equal(quantize_input(x.numpy(), spec), ref)
-
-
-def test_runtime_spec_edge_states() -> None:
-    assert create("affine", "activation").runtime_spec(torch.zeros(2, 3)) is None  # passthrough
-    x = torch.randn(2, 4, 3, 3)
-    with pytest.raises(ValueError, match="not initialised"):
-        create("lsq", "activation").runtime_spec(x)
-    with pytest.raises(ValueError, match="no runtime"):
-        create("ttq", "weight").runtime_spec(x)
-    for per_sample in (False, True):
-        q = create("xnor", "activation", per_sample=per_sample)
-        with torch.no_grad():
-            ref = q(x).numpy()
-        np.testing.assert_allclose(quantize_input(x.numpy(), q.runtime_spec(x)), ref, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- packed kernels

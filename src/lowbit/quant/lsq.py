@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ..contract import InputQuant
 from .base import Quantizer, QuantSpec, Role, channel_view, scale_grad
 from .functional import (
     abs_rows,
@@ -190,7 +191,7 @@ class LSQ(Quantizer):
         return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel, signed)
 
     @torch.no_grad()
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static ``uniform`` grid with the step forward uses for inputs shaped like ``x``.
 
         The step is ``s_used`` (Eq. 4's gradient-scale trick can move it by an ulp, so it is

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from ..contract import InputQuant, StaticQuant
 from .base import Quantizer, QuantSpec
 from .functional import (
     CODE_DTYPE,
@@ -57,7 +58,7 @@ def clipped_uniform(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     return _ClippedUniform.apply(x, alpha, 2**bits - 1)
 
 
-def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> dict[str, Any]:
+def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> StaticQuant:
     """Static grid of :func:`clipped_uniform`: scale ``alpha / n``, multiplier ``n / alpha``."""
     n = 2**bits - 1
     with torch.no_grad():
@@ -107,7 +108,7 @@ class PACT(Quantizer):
         """Codes ``round(clip(x, 0, alpha) / s)``, unsigned ``uniform``, ``s = alpha / (2^k-1)``."""
         return clipped_uniform_codes(x, positive(self.alpha), self.bits)
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static unsigned grid on ``[0, alpha]`` (see :func:`clipped_uniform_runtime_spec`)."""
         return clipped_uniform_runtime_spec(positive(self.alpha), self.bits)
 

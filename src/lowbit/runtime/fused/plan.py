@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ...contract import Node
 from ...fixedpoint import INT32_MAX, INT32_MIN
-from ..graph import Node
-from ..integer import Grid, IntegerProgram
+from ..integer import IntegerProgram
+from ..integer_ops import Grid
 from . import steps as S
 from .steps import StepSpec, Tensor, Unsupported
 

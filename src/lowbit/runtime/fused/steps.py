@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ...fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
-from ..integer import Grid
+from ..integer_ops import Grid
 
 # ops (engine.h)
 QUANT, CONV, RESCALE, ADD, MAXPOOL, AVGPOOL, SLICE, PAD, FLATTEN, DEQUANT = range(1, 11)
