@@ -77,11 +77,7 @@ class Model:
         self.graph = graph
         self.source = str(source)
         self.shapes = infer_shapes(graph)
-        self.layers = {
-            n.name: Layer(n, self.shapes[n.inputs[0]], self.shapes[n.name])
-            for n in graph.nodes
-            if n.op in ("conv2d", "linear")
-        }
+        self._layers: dict[str, Layer] | None = None
         self.integer: IntegerProgram | None = None
         if engine != "float":
             try:
@@ -97,6 +93,18 @@ class Model:
         self.program = None
         if self.integer is None:
             self.program = Program(graph, self.layers, self.shapes)
+
+    @property
+    def layers(self) -> dict[str, Layer]:
+        """The float engine's layers (weights decoded), built on first use: a model that runs
+        on the fused engine keeps only its packed integer weights unless asked."""
+        if self._layers is None:
+            self._layers = {
+                n.name: Layer(n, self.shapes[n.inputs[0]], self.shapes[n.name])
+                for n in self.graph.nodes
+                if n.op in ("conv2d", "linear")
+            }
+        return self._layers
 
     @property
     def input_shape(self) -> list[int]:
