@@ -143,5 +143,5 @@ def fill(
     row[F["scratch"]] = where.get("#scratch", 0)
     row[F["scratch_bytes"]] = spec.scratch_bytes
     elements = batch * math.prod(out.hwc)
-    useful = max(spec.work * batch // 2**18, elements // 2**15, 1)
+    useful = max(spec.work * batch // 2**20, elements // 2**17, 1)  # a thread per 1M MACs
     row[F["threads"]] = min(threads, useful)
