@@ -25,7 +25,8 @@ layer and reused: :class:`Threshold` (BatchNorm + sign: packed bits for the next
 
 All integer results are exact (bit-exact against int64 references). The compiled extension
 ``lowbit.runtime._kernels`` (C, OpenMP, AVX2 paths chosen at run time, see ``csrc/``) does the
-work; ``LOWBIT_NO_AVX2=1`` or :func:`set_backend` selects its portable scalar path, and when the
+work; ``LOWBIT_NO_AVX2=1``, ``LOWBIT_ISA=scalar`` or :func:`set_backend` selects its portable
+scalar path (the fused engine, :mod:`lowbit.runtime.fused`, has its own ISA paths), and when the
 extension is missing every function falls back to numpy (with one warning). ``num_threads=None``
 uses the OpenMP default (``OMP_NUM_THREADS``).
 """
@@ -100,7 +101,8 @@ _state = {"numpy": False, "warned": False}
 
 
 def _auto_avx2() -> bool:
-    return os.environ.get("LOWBIT_NO_AVX2", "") in ("", "0")
+    scalar = os.environ.get("LOWBIT_ISA", "") == "scalar"
+    return not scalar and os.environ.get("LOWBIT_NO_AVX2", "") in ("", "0")
 
 
 def backend() -> str:

@@ -307,8 +307,9 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_kernels",
                                        methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
-    const char *off = getenv("LOWBIT_NO_AVX2");
-    lowbit_use_avx2 = cpu_has_avx2() && !(off && off[0] && strcmp(off, "0") != 0);
+    const char *off = getenv("LOWBIT_NO_AVX2"), *isa = getenv("LOWBIT_ISA");
+    const int scalar = isa && strcmp(isa, "scalar") == 0; /* LOWBIT_ISA=scalar: every kernel */
+    lowbit_use_avx2 = cpu_has_avx2() && !scalar && !(off && off[0] && strcmp(off, "0") != 0);
     lowbit_bitgemm_init();
     PyObject *m = PyModule_Create(&moduledef);
     if (m && (PyModule_AddIntConstant(m, "EPI_INT32", EPI_INT32) < 0 ||

@@ -3,14 +3,26 @@
 :class:`FusedEngine` takes a compiled :class:`~lowbit.runtime.integer.IntegerProgram` (which
 fixes every grid, multiplier and rounding) and plans it once (:mod:`.plan`): weights packed for
 the chosen ISA path (:mod:`.isa`), every tensor channels last as uint8 codes (or int32 on wide
-grids), BatchNorm folded, ReLU/clamp fused into the producing layer's output stage. For each
-(batch size, thread count) it then lays the tensors out in one arena (buffers reused once
-their last reader has run), with per-thread GEMM scratch, and writes the program's step rows
-with the final addresses; a call patches the input address and runs ``engine_run`` once. Nothing
-is allocated per call except the returned logits.
+grids), BatchNorm folded, ReLU/clamp fused into the producing layer's (or add's) output stage.
+For each (batch size, thread count) it then lays the tensors out in one arena (buffers reused
+once their last reader has run), with per-thread GEMM scratch, and writes the program's step
+rows with the final addresses; a call patches the input address and runs ``engine_run`` once.
+Nothing is allocated per call except the returned logits.
 
-The result equals :meth:`IntegerProgram.run` bit for bit (tests check every ISA path): the
-same integer arithmetic, in C (see ``csrc/engine.c`` and ``csrc/qgemm.c``).
+Why this shape (docs/benchmarks.md measured the integer engine in numpy at 0.06-0.7x float32
+torch): the GEMMs were a minority of its time; the rest was requantisation, im2col gathers,
+residual adds and Python between layers. Here each layer is one pass over its input rows in
+blocks of ``ENG_MB`` output pixels: gather (im2col of uint8 codes, runs of ``kw`` pixels
+copied at once), GEMM on the block while it is in cache (``vpdpbusd`` on AVX-512 VNNI,
+``vpmaddwd`` on int16 pairs on AVX2, plain C otherwise), and the output stage writing the next
+layer's codes directly; an add rescales both operands, adds, clamps, rescales (and writes the
+copy the next layer reads) in one pass. One C call per forward makes batch-1 latency a matter
+of the kernels, not of Python.
+
+The result equals :meth:`IntegerProgram.run` bit for bit (tests force every ISA path): the
+same integer arithmetic, in C (``csrc/engine.c``, ``csrc/qgemm.c``); the zero point of the
+uint8 input codes is removed per output column (``c = -Z colsum(w)``, exact in wrapping int32
+arithmetic because the true accumulator fits int32).
 """
 
 from __future__ import annotations
