@@ -83,6 +83,7 @@ def calibrated(model: nn.Module, recipe: object) -> nn.Module:
 INPUTS = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["smallcnn", "lenet5"])
 @pytest.mark.parametrize("method", lowbit.methods())
 def test_default_recipe_exports_checks_and_agrees(tmp_path: Path, method: str, net: str) -> None:
