@@ -317,7 +317,8 @@ def _exact_epilogue(
     quantize_multiplier`), total shift ``s = 31 + n`` and ``bias_q = round(bias / S_out 2^s)``;
     the output is ``Z + round_half_even((acc m0 + bias_q) 2^-s)``, clamped. ``acc`` is the int32
     accumulator, ``acc m0 + bias_q`` an int64 (when ``acc_bound m0 + |bias_q|`` could reach
-    ``2^62``, ``m0`` and ``s`` lose the same number of low bits). Against the real value
+    ``2^62``, or ``s > 62``, ``m0`` and ``s`` lose the same number of low bits, which for
+    ``s > 62`` costs less than ``acc_bound 2^-62`` of a code). Against the real value
     ``v = M_f acc + bias / S_out`` (``M_f`` the float64 ratio) the rounded quantity is off by at
     most ``|M_f acc| 2^-31 + 2^-s`` (``m0``'s rounding, then ``bias_q``'s) plus float64's
     ``2^-52`` relative error of ``bias / S_out``: for outputs within a few hundred codes that is
@@ -332,15 +333,15 @@ def _exact_epilogue(
     shift = 31 + n
     offset = bias / grid.scale
     acc_bound = min(acc_bound, INT32_MAX)
-    for _ in range(63):
+    while True:
         bias_q = np.rint(offset * np.exp2(shift.astype(np.float64)))
-        over = acc_bound * m0.astype(np.float64) + np.abs(bias_q) >= INT64_ROOM
+        over = (acc_bound * m0.astype(np.float64) + np.abs(bias_q) >= INT64_ROOM) | (shift > 62)
         if not over.any():
             break
+        if shift[over].min() <= 1:
+            raise GraphError(f"node {node.name!r}: cannot requantise within 64 bits")
         m0 = np.where(over, (m0 + 1) >> 1, m0)
         shift = np.where(over, shift - 1, shift)
-    if shift.min(initial=1) < 1 or over.any():
-        raise GraphError(f"node {node.name!r}: cannot requantise within 64 bits")
     return _Epilogue(scale, bias, grid, 0, m0, shift, bias_q.astype(np.int64))
 
 
