@@ -73,11 +73,14 @@ def calibrated(
     return model.eval()
 
 
-def compare(model: torch.nn.Module, shape: tuple[int, ...], count: int) -> dict[str, float]:
+def compare(
+    model: torch.nn.Module, shape: tuple[int, ...], count: int, min_shift: int | None = None
+) -> dict[str, float]:
+    """Engine (default exact scheme, or gemmlowp with ``min_shift``) against fake-quant."""
     x = torch.randn(count, *shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         fq = model(x).numpy()
-    logits = compile_integer(build_graph(model, shape)).run(x.numpy())
+    logits = compile_integer(build_graph(model, shape), min_shift=min_shift).run(x.numpy())
     span = float(np.abs(fq).max())
     diff = np.abs(logits - fq).max(axis=1)
     chosen = fq[np.arange(count), logits.argmax(axis=1)]
@@ -95,7 +98,8 @@ def test_untrained_lenet5_agrees_with_fake_quant(method: str, bits: int) -> None
         "lenet5", {"method": method, "bits": bits}, (1, 28, 28), channels=(8, 16), hidden=64
     )
     r = compare(model, (1, 28, 28), 400)
-    print(f"untrained {method}-{bits} lenet5, 400 random inputs: {r}")
+    gemmlowp = compare(model, (1, 28, 28), 400, min_shift=8)
+    print(f"untrained {method}-{bits} lenet5, 400 random inputs: {r}; gemmlowp {gemmlowp}")
     assert r["top1"] >= 0.9975  # at most one of 400
     assert r["close"] >= 0.99
 
@@ -105,6 +109,7 @@ def test_untrained_lsq4_resnet20_agrees_with_fake_quant() -> None:
     sample by sample instead of batched, had logits within 1e-4 of the range for 99 of 100."""
     model = calibrated("resnet20", {"method": "lsq", "bits": 4}, (3, 32, 32))
     r = compare(model, (3, 32, 32), 100)
-    print(f"untrained lsq-4 resnet20, 100 random inputs: {r}")
+    gemmlowp = compare(model, (3, 32, 32), 100, min_shift=8)
+    print(f"untrained lsq-4 resnet20, 100 random inputs: {r}; gemmlowp {gemmlowp}")
     assert r["top1"] == 1.0
     assert r["close"] >= 0.9
