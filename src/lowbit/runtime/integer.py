@@ -16,39 +16,40 @@ of a tensor is the one its *consumers* need (planned backwards from the outputs)
   ``[Z + round(a / S), Z + round(b / S)]``, padding pads with ``Z`` (real zero), max-pooling
   pads with the smallest integer;
 * ``avgpool2d``, ``global_avgpool2d`` and ``add`` do not commute with rounding, so their inputs
-  are kept on a *wide* grid ``(S 2^-16, Z 2^16)`` with int32 codes (16 extra fraction bits) unless
-  another consumer already fixes an 8-bit grid, and their result is brought to the output grid by
-  one rounding shift.
+  are kept on a *wide* grid ``(S 2^-20, Z 2^20)`` with int32 codes (``WIDE_BITS`` = 20 extra
+  fraction bits), also when a layer reads the same tensor (the fake-quant model adds the
+  unquantised value; the layer gets it rescaled to its own grid), and their result is brought to
+  the output grid by one rounding shift.
 
 **Layers.** A conv/linear computes ``acc = sum (q_in - Z_in) q_w`` (int32; weights with zero
 point 0, per-channel or per-tensor scale), adds ``bias_q = round(b / (S_in S_w))`` and
 requantises with ``M = S_in S_w / S_out = M0 2^-31 2^-n`` (:func:`lowbit.fixedpoint.
-quantize_multiplier`) in gemmlowp arithmetic: :func:`lowbit.runtime.kernels.int8_gemm` with its
-fused :class:`~lowbit.runtime.kernels.Requant` stage when both the input and the output codes
-fit one byte (signed or shifted ranges are offset into ``[0, 255]``, which does not change
-``q - Z``) and the weight codes fit int8, otherwise :func:`~lowbit.runtime.kernels.int8_gemm`
-alone or an exact numpy int64 product followed by
-:func:`lowbit.fixedpoint.requantize` (wide outputs, codes beyond 8 bits). Accumulators are
-saturated to int32 before requantisation. A ``batchnorm`` node that directly follows a layer (its
-only consumer) is folded into that layer's per-channel multiplier and bias at compile time
-(``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel with ``g < 0``
-has its weight codes negated); any other ``batchnorm``, float weight, or non-static input
-quantiser makes :func:`compile_integer` raise a :class:`~lowbit.runtime.graph.GraphError`
-naming the node ("not integer-only").
+quantize_multiplier`): by default in one 64-bit rounding (see **Rounding**) after
+:func:`lowbit.runtime.kernels.int8_gemm` (input codes offset into ``[0, 255]``, which does not
+change ``q - Z``, and int8 weight codes) or an exact numpy int64 product (codes beyond 8 bits);
+with an integer ``min_shift``, in gemmlowp arithmetic, through the kernel's fused
+:class:`~lowbit.runtime.kernels.Requant` stage when the output codes fit one byte too.
+Accumulators are saturated to int32 before requantisation. A ``batchnorm`` node that directly
+follows a layer (its only consumer) is folded into that layer's per-channel multiplier and bias
+at compile time (``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel
+with ``g < 0`` has its weight codes negated); any other ``batchnorm``, float weight, or
+non-static input quantiser makes :func:`compile_integer` raise a
+:class:`~lowbit.runtime.graph.GraphError` naming the node ("not integer-only").
 
 Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero point (codes
 ``c - Z``) or a half-integer one (DoReFa's ``(2^k - 1) / 2``: codes ``2c - 2Z``, scale ``S / 2``),
 ``binary``, symmetric ``ternary`` and ``pow2`` with at most 7 exponents (codes
 ``sign(c) 2^(|c| - 1)``, scale ``S 2^(1 - n)``). Asymmetric ternary (TTQ's ``Wp != Wn``) is not.
 
-**Rounding.** Requantisation rounds as gemmlowp does (see :func:`lowbit.fixedpoint.requantize`):
-against the fake-quant model's ``round_half_even(r / S) + Z`` it is off by one for a fraction
-of about ``2^-(n+1)`` of the codes, ``n`` the shift. Layers with a small shift (large
-``M``, e.g. a 4-bit LSQ layer feeding an 8-bit one: ``n = 3..4``, 2-6% off by one) get
-*headroom*: the accumulator is multiplied by ``2^L`` (exact, within int32) and the shift raised
-by ``L`` up to ``min_shift`` (default 8), with the bias quantised at ``2^-L`` of an accumulator
-unit; the rate drops to ``2^-(n+L+1)``. Such layers run the GEMM with
-:func:`~lowbit.runtime.kernels.int8_gemm` alone and requantise in numpy; ``min_shift=0`` is plain
+**Rounding.** By default requantisation is exact: ``Z + round_half_even((acc M0 + bias_q)
+2^-(31+n))`` in int64 with the bias below the binary point (:func:`_exact_epilogue` states the
+bound), i.e. the correctly rounded real value, as the fake-quant model's
+``round_half_even(r / S) + Z`` up to its own float32 error, on trained and untrained weights
+alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's double rounding instead (see
+:func:`lowbit.fixedpoint.requantize`), off by one for about ``2^-(n+1)`` of the codes, ``n`` the
+shift; layers with a small shift then get *headroom*: the accumulator is multiplied by ``2^L``
+(exact, within int32) and the shift raised by ``L`` up to ``min_shift``, with the bias quantised
+at ``2^-L`` of an accumulator unit; the rate drops to ``2^-(n+L+1)``; ``min_shift=0`` is plain
 gemmlowp everywhere. Rescaling between grids (``add`` operands, a tensor consumed
 under two different grids) uses the same fixed-point multiply, or a single rounding shift
 (half away from zero) when the ratio of scales is a power of two (wide -> 8-bit). Averages
@@ -56,10 +57,9 @@ under two different grids) uses the same fixed-point multiply, or a single round
 integer arithmetic, with the window count including padding unless ``count_include_pad`` is
 False. ``add`` follows TFLite's idea of bringing both operands to one finer common scale with
 fixed-point multipliers before adding: here the common scale is the wide version of the output
-grid, ``(S_out 2^-16, Z_out 2^16)``; the sum is then shifted down by 16 bits with one rounding.
-In a residual network the fake-quant model adds *float* tensors, so the engine (which must hold
-the shortcut as codes) matches it only approximately there; sequential networks match up to the
-off-by-one cases above.
+grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one rounding.
+In a residual network the fake-quant model adds *float* tensors; the engine holds them to
+``2^-20`` of a code, so it matches up to rare off-by-ones there too.
 """
 
 from __future__ import annotations
