@@ -116,6 +116,19 @@ def test_risk_bound_is_the_int16_pair(w: int, act_hi: float, at_risk: bool) -> N
     assert bool(saturation_risks(model.graph)) == at_risk
 
 
+def test_weight_without_zero_point_input_becomes_uint8(tmp_path: Path) -> None:
+    codes = np.full((2, 6), -128)
+    model = probe(codes, np.zeros(1, np.int64))
+    dq = next(n for n in model.graph.node if n.name == "w")
+    del dq.input[2]  # DequantizeLinear's zero point is optional (0)
+    assert avoid_u8s8_saturation(model.graph) == [] and saturation_risks(model.graph) == []
+    assert len(dq.input) == 3
+    x = np.full((1, 6), 255, np.float32)
+    y, ops = run_default(model, x, tmp_path)
+    assert "QGemm" in ops
+    np.testing.assert_array_equal(y, exact(x, codes, np.zeros(1, np.int64)).astype(np.float32))
+
+
 def test_differing_zero_points_fall_back_to_exact_float_weights(tmp_path: Path) -> None:
     codes = np.array([[127, 127], [100, -120]])
     zp = np.array([0, 3])

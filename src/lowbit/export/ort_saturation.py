@@ -159,21 +159,28 @@ def avoid_u8s8_saturation(graph: onnx.GraphProto) -> list[str]:
     """
     view = _View(graph)
     warnings = []
+    done: set[str] = set()  # a weight read by several layers is rewritten once
     for risk, dq in _risks(view):
+        if dq.output[0] in done:
+            continue
+        done.add(dq.output[0])
         codes = view.const(dq.input[0]).astype(np.int64)
-        zp = view.const(dq.input[2]) if len(dq.input) > 2 else np.zeros(1, np.int8)
-        if np.unique(zp).size == 1 and len(dq.input) > 2:
+        if len(dq.input) < 3:  # no zero point: 0, given explicitly to become 128
+            name = f"{dq.input[0]}.zero_point"
+            graph.initializer.append(numpy_helper.from_array(np.int8(0), name))
+            view.inits[name] = graph.initializer[-1]
+            dq.input.append(name)
+        zp = view.const(dq.input[2]).astype(np.int64)
+        if np.unique(zp).size == 1:
             _replace(view, dq.input[0], (codes + 128).astype(np.uint8))
-            _replace(view, dq.input[2], (zp.astype(np.int64) + 128).astype(np.uint8))
+            _replace(view, dq.input[2], (zp + 128).astype(np.uint8))
             continue
         scale = view.const(dq.input[1]).astype(np.float32)
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         shape = [1] * codes.ndim
         if scale.size > 1:
             shape[axis % codes.ndim] = -1
-        value = scale.reshape(shape) * (codes - zp.astype(np.int64).reshape(shape)).astype(
-            np.float32
-        )
+        value = scale.reshape(shape) * (codes - zp.reshape(shape)).astype(np.float32)
         graph.node.remove(dq)
         graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), dq.output[0]))
         warnings.append(
