@@ -39,7 +39,8 @@ normalisation (``preprocess``: ``scale``, ``mean``, ``std``; raw pixels ``p`` be
 
 Agreement with the torch model: ``QuantizeLinear`` divides by the scale where the torch
 quantisers multiply by its float32 reciprocal, and ORT's convolutions sum in another order, so a
-value within a few ulps of a rounding boundary can land one code apart; see
+value within a few ulps of a rounding boundary can land one code apart (int8 weights that could
+saturate ORT's AVX2 u8s8 kernels are stored as uint8, see :mod:`lowbit.export.ort_saturation`); see
 :func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
 """
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,7 @@ from ..contract import (
 from ..runtime.shapes import infer_shapes
 from .files import write_atomic
 from .graph_builder import build_graph
+from .ort_saturation import avoid_u8s8_saturation
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -338,7 +341,9 @@ def graph_to_onnx(graph: Graph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProt
     """The ONNX model of ``graph`` (validated; checked with ``onnx.checker``, full check).
 
     ``opset`` in ``[18, onnx's newest]`` (21 or later for 4-bit weight types). The input has a
-    dynamic batch dimension; ``graph.meta["preprocess"]`` goes to ``metadata_props``.
+    dynamic batch dimension; ``graph.meta["preprocess"]`` goes to ``metadata_props``. Layers
+    whose int8 weights could saturate ONNX Runtime's u8s8 kernels get uint8 weights
+    (:mod:`lowbit.export.ort_saturation`).
     """
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
@@ -358,6 +363,8 @@ def graph_to_onnx(graph: Graph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProt
     x_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, dims(graph.input_shape))
     y_info = helper.make_tensor_value_info(out, TensorProto.FLOAT, dims(shapes[graph.outputs[0]]))
     body = helper.make_graph(g.nodes, "lowbit", [x_info], [y_info], initializer=g.inits)
+    for message in avoid_u8s8_saturation(body):  # exact in ORT on AVX2-only CPUs too
+        warnings.warn(message, stacklevel=2)
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(body, opset_imports=opsets, producer_name="lowbit")
     proto.ir_version = helper.find_min_ir_version_for(opsets)
@@ -394,6 +401,12 @@ def export_onnx(
     dynamic batch dimension. The model is exported in evaluation mode (its training flag is
     restored afterwards); ``preprocess`` (``{"scale", "mean", "std"}``) is recorded in
     ``metadata_props``. Raises ValueError naming the node for parts with no exportable form.
+
+    8-bit weights of a layer whose uint8 activations times int8 weights could saturate int16 in
+    ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI are stored as uint8 (codes + 128, zero
+    point + 128: the same real weights), which ORT runs with its exact u8u8 kernels; see
+    :mod:`lowbit.export.ort_saturation` (a layer that cannot take that form falls back to float
+    weights with a warning naming it).
     """
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise ValueError(
