@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +166,13 @@ def test_isa_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOWBIT_ISA", "avx9000")
     with pytest.raises(ValueError, match="LOWBIT_ISA='avx9000'"):
         default_isa()
+
+
+def test_lowbit_isa_scalar_also_selects_the_portable_kernels() -> None:
+    code = "from lowbit.runtime import kernels; print(kernels.backend())"
+    env = {**os.environ, "LOWBIT_ISA": "scalar"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "scalar", out.stderr
 
 
 def test_unsupported_parts_name_the_node(graphs: dict) -> None:
