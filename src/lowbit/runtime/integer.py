@@ -42,8 +42,9 @@ Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero
 ``sign(c) 2^(|c| - 1)``, scale ``S 2^(1 - n)``). Asymmetric ternary (TTQ's ``Wp != Wn``) is not.
 
 **Rounding.** By default requantisation is exact: ``Z + round_half_even((acc M0 + bias_q)
-2^-(31+n))`` in int64 with the bias below the binary point (:func:`_exact_epilogue` states the
-bound), i.e. the correctly rounded real value, as the fake-quant model's
+2^-(31+n))`` in int64 with the bias below the binary point
+(:func:`~lowbit.runtime.integer_requant.exact_epilogue` states the bound), i.e. the correctly
+rounded real value, as the fake-quant model's
 ``round_half_even(r / S) + Z`` up to its own float32 error, on trained and untrained weights
 alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's double rounding instead (see
 :func:`lowbit.fixedpoint.requantize`), off by one for about ``2^-(n+1)`` of the codes, ``n`` the
@@ -73,7 +74,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..contract import WEIGHTED_OPS, Graph, GraphError, Node, StaticQuant
-from ..fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
+from ..fixedpoint import INT32_MAX, INT32_MIN
 from . import kernels
 from .integer_ops import (
     WIDE_BITS,
@@ -88,6 +89,7 @@ from .integer_ops import (
     rescale,
     uint8_offset,
 )
+from .integer_requant import Epilogue, epilogue, round_shift_half_even
 
 __all__ = [
     "WIDE_BITS",
@@ -181,130 +183,6 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
 # ----------------------------------------------------------------------------- layers
 
 
-INT64_ROOM = 2**62  # |acc m0| + |bias| stays below this in the exact requantisation
-
-
-def round_shift_half_even(x: NDArray[np.int64], s: NDArray[np.int64]) -> NDArray[np.int64]:
-    """``x / 2^s`` rounded to nearest, ties to even, in exact int64 arithmetic (``s >= 1``)."""
-    x, s = np.asarray(x, np.int64), np.asarray(s, np.int64)
-    q = x >> s  # floor
-    rem = x - (q << s)
-    half = np.left_shift(np.int64(1), s - 1)
-    return q + ((rem > half) | ((rem == half) & (q & 1 == 1)))
-
-
-@dataclass(frozen=True)
-class _Epilogue:
-    """What follows a layer's accumulator: requantisation to ``grid``, or (``grid`` None) float.
-
-    ``real = scale * acc + bias`` per output channel (``scale > 0``, BatchNorm folded in). For a
-    grid, two schemes (``exact``):
-
-    * exact (the default): ``q = Z + round_half_even((acc m0 + bias_q) 2^-shift)`` in int64,
-      with ``m0 2^-shift = scale / S_out`` (``m0 in [2^30, 2^31)``) and ``bias_q =
-      round(bias / S_out 2^shift)``; see :func:`_exact_epilogue` for its error bound;
-    * gemmlowp: ``q = requantize(acc 2^headroom + bias_q, m0, shift)`` with
-      ``m0 2^-31 2^-shift = 2^-headroom scale / S_out`` and ``bias_q = round(bias 2^headroom /
-      scale)`` (:func:`lowbit.fixedpoint.requantize`, double rounding).
-    """
-
-    scale: NDArray[np.float64]
-    bias: NDArray[np.float64]
-    grid: Grid | None
-    headroom: int = 0
-    m0: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    shift: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    bias_q: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    exact: bool = True
-
-    def requantize(self, acc: NDArray[np.int64], sl: slice) -> NDArray[np.int32]:
-        """Codes from int64 accumulators ``[M, N]`` of output channels ``sl`` (int32-saturated)."""
-        g = self.grid
-        if self.exact:
-            acc = np.clip(acc, INT32_MIN, INT32_MAX)
-            q = round_shift_half_even(acc * self.m0[sl] + self.bias_q[sl], self.shift[sl])
-            return np.clip(q + g.zero_point, g.qmin, g.qmax).astype(np.int32)
-        scaled = np.clip(acc * 2**self.headroom + self.bias_q[sl], INT32_MIN, INT32_MAX)
-        return requantize(scaled, self.m0[sl], self.shift[sl], g.zero_point, g.qmin, g.qmax)
-
-
-def _multipliers(node: Node, ratio: NDArray[np.float64]) -> tuple[NDArray[np.int64], ...]:
-    try:
-        pairs = [quantize_multiplier(float(r)) for r in ratio]
-    except ValueError as exc:
-        raise GraphError(f"node {node.name!r}: cannot requantise: {exc}") from exc
-    m0, shift = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
-    return m0, shift
-
-
-def _exact_epilogue(
-    node: Node, scale: NDArray[np.float64], bias: NDArray[np.float64], grid: Grid, acc_bound: int
-) -> _Epilogue:
-    """Single-rounding requantisation in 64 bits, exact up to a bound (the default scheme).
-
-    Per channel ``M = scale / S_out = m0 2^-31 2^-n`` (:func:`~lowbit.fixedpoint.
-    quantize_multiplier`), total shift ``s = 31 + n`` and ``bias_q = round(bias / S_out 2^s)``;
-    the output is ``Z + round_half_even((acc m0 + bias_q) 2^-s)``, clamped. ``acc`` is the int32
-    accumulator, ``acc m0 + bias_q`` an int64 (when ``acc_bound m0 + |bias_q|`` could reach
-    ``2^62``, or ``s > 62``, ``m0`` and ``s`` lose the same number of low bits, which for
-    ``s > 62`` costs less than ``acc_bound 2^-62`` of a code). Against the real value
-    ``v = M_f acc + bias / S_out`` (``M_f`` the float64 ratio) the rounded quantity is off by at
-    most ``|M_f acc| 2^-31 + 2^-s`` (``m0``'s rounding, then ``bias_q``'s) plus float64's
-    ``2^-52`` relative error of ``bias / S_out``: for outputs within a few hundred codes that is
-    below ``2^-21`` of a code, so the code equals ``round_half_even(v)`` unless ``v`` lies that
-    close to a half-integer -- closer than the float32 fake-quant model computes ``v`` itself.
-    A C kernel implements it with int32 accumulators, a 32x32->64-bit multiply per output, one
-    64-bit add and a rounding right shift (TFLite's single-rounding
-    ``MultiplyByQuantizedMultiplier`` with the bias folded in below the binary point, and ties to
-    even as ``torch.round``).
-    """
-    m0, n = _multipliers(node, scale / grid.scale)
-    shift = 31 + n
-    offset = bias / grid.scale
-    acc_bound = min(acc_bound, INT32_MAX)
-    while True:
-        bias_q = np.rint(offset * np.exp2(shift.astype(np.float64)))
-        over = (acc_bound * m0.astype(np.float64) + np.abs(bias_q) >= INT64_ROOM) | (shift > 62)
-        if not over.any():
-            break
-        if shift[over].min() <= 1:
-            raise GraphError(f"node {node.name!r}: cannot requantise within 64 bits")
-        m0 = np.where(over, (m0 + 1) >> 1, m0)
-        shift = np.where(over, shift - 1, shift)
-    return _Epilogue(scale, bias, grid, 0, m0, shift, bias_q.astype(np.int64))
-
-
-def _epilogue(
-    node: Node,
-    scale: NDArray[np.float64],
-    bias: NDArray[np.float64],
-    grid: Grid | None,
-    acc_bound: int,
-    min_shift: int | None,
-) -> _Epilogue:
-    """Multipliers, headroom and quantised bias of a layer; ``acc_bound`` bounds ``|acc|``.
-
-    ``min_shift`` None: :func:`_exact_epilogue`. Otherwise gemmlowp with headroom: when the
-    smallest requantisation shift ``n`` is below ``min_shift``, the accumulator is multiplied by
-    ``2^L`` (exact in int32, ``L <= min_shift - n``, limited by ``acc_bound``) and the shift
-    raised by ``L``, so the double rounding of the high multiply and the shift lands
-    ``min_shift`` bits below the output's unit (rate ``2^-(n+L+1)`` instead of ``2^-(n+1)``) and
-    the bias is kept to ``2^-L`` of an accumulator unit.
-    """
-    if grid is None:
-        return _Epilogue(scale, bias, None)
-    if min_shift is None:
-        return _exact_epilogue(node, scale, bias, grid, acc_bound)
-    m0, shift = _multipliers(node, scale / grid.scale)
-    bias_bound = int(np.abs(np.rint(bias / scale)).max(initial=0)) + 1
-    room = math.floor(math.log2(INT32_MAX / (acc_bound + bias_bound)))
-    if room < 0:
-        raise GraphError(f"node {node.name!r}: accumulator and bias may overflow int32")
-    headroom = max(0, min(min_shift - int(shift.min()), room))
-    bias_q = np.rint(bias * 2.0**headroom / scale).astype(np.int64)
-    return _Epilogue(scale, bias, grid, headroom, m0, shift + headroom, bias_q, exact=False)
-
-
 @dataclass(frozen=True)
 class _Group:
     """One convolution group's output channels ``sl``: integer weight rows ``w`` ``[N, K]``,
@@ -334,7 +212,7 @@ class _Layer:
         src: Grid,
         grid_in: Grid,
         codes: NDArray[np.int64],
-        epilogue: _Epilogue,
+        epilogue: Epilogue,
     ) -> None:
         self.name, self.input = name, node.inputs[0]
         self.src, self.grid_in, self.epilogue = src, grid_in, epilogue
@@ -594,8 +472,8 @@ def _layer_step(plan: _Plan, node: Node, min_shift: int | None) -> _Layer:
     out = plan.out_name(node)
     centred = max(grid_in.zero_point - grid_in.qmin, grid_in.qmax - grid_in.zero_point)
     acc_bound = codes[0].size * centred * int(np.abs(codes).max(initial=0))
-    epilogue = _epilogue(node, np.abs(scale), bias, plan.grids[out], acc_bound, min_shift)
-    return _Layer(node, out, plan.grids[node.inputs[0]], grid_in, codes * sign, epilogue)
+    ep = epilogue(node, np.abs(scale), bias, plan.grids[out], acc_bound, min_shift)
+    return _Layer(node, out, plan.grids[node.inputs[0]], grid_in, codes * sign, ep)
 
 
 def _op_step(plan: _Plan, node: Node) -> Op:
@@ -619,11 +497,12 @@ def compile_integer(graph: Graph, *, min_shift: int | None = None) -> IntegerPro
     """Compile ``graph`` for integer-only inference (Jacob et al. 2018).
 
     ``min_shift`` None (the default): every layer requantises with the exact single-rounding
-    64-bit scheme (:func:`_exact_epilogue`), so the codes are the correctly rounded real values
-    whatever the weights (trained or not). An integer selects gemmlowp's double rounding instead:
-    layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits of accumulator
-    headroom (see the module docstring); 0 gives plain gemmlowp requantisation everywhere (the
-    kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
+    64-bit scheme (:func:`~lowbit.runtime.integer_requant.exact_epilogue`), so the codes are the
+    correctly rounded real values whatever the weights (trained or not). An integer selects
+    gemmlowp's double rounding instead: layers whose requantisation shift ``n`` is smaller get
+    ``min_shift - n`` bits of accumulator headroom (see the module docstring); 0 gives plain
+    gemmlowp requantisation everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.
+    Requant` stage).
 
     Raises :class:`~lowbit.contract.GraphError` naming the node when part of the graph is
     not integer-only (float weights or activations, a BatchNorm that does not follow a layer,
