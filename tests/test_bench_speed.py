@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 from lowbit.bench import kernels, models
+from lowbit.runtime import kernels as runtime_kernels
+from lowbit.runtime.fused import default_isa
 
 
 def finite_positive(x: float) -> bool:
@@ -37,6 +39,11 @@ def test_models_smoke() -> None:
         assert finite_positive(r["fp32_avx2_ms"])
         ratio = r["fp32_ms"] / r["lowbit_ms"]
         assert math.isclose(r["speedup"], ratio, rel_tol=1e-9)
+        assert finite_positive(r["peak_rss_mib"])
+        if r["ort_ms"] is not None:  # ONNX Runtime on the ONNX export
+            assert math.isclose(r["speedup_ort"], r["fp32_ms"] / r["ort_ms"], rel_tol=1e-9)
     engines = {r["method"]: r["engine"] for r in rows}
-    assert engines["lsq"] == engines["affine"] == "integer"
+    integer = "integer" if runtime_kernels.extension() is None else f"fused/{default_isa()}"
+    assert engines["lsq"] == engines["affine"] == engines["twn_a8"] == integer
     assert engines["bnn"] == engines["ttq"] == "float"
+    assert {r["method"] for r in rows if r["ort_ms"] is not None} >= {"lsq", "affine", "bnn"}
