@@ -13,6 +13,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,17 @@ def test_plans_are_kept_per_batch_size(graphs: dict) -> None:
     assert len(engine._instances) == 2
     assert engine._instances[next(iter(engine._instances))].arena is arena
     np.testing.assert_array_equal(np.concatenate([engine(x4[i : i + 1]) for i in range(4)]), first)
+
+
+def test_calls_from_several_threads(graphs: dict) -> None:
+    engine = FusedEngine(compile_integer(graphs["affine"]))
+    xs = [_inputs(3, seed) for seed in range(8)]
+    want = [engine(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(engine, xs))
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)
 
 
 def test_isa_selection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,8 @@ grids), BatchNorm folded, ReLU/clamp fused into the producing layer's (or add's)
 For each (batch size, thread count) it then lays the tensors out in one arena (buffers reused
 once their last reader has run), with per-thread GEMM scratch, and writes the program's step
 rows with the final addresses; a call patches the input address and runs ``engine_run`` once.
-Nothing is allocated per call except the returned logits.
+Nothing is allocated per call except the returned logits. Each calling thread gets its own
+instances (the GIL is released while the program runs, so threads may run it at once).
 
 Why this shape (docs/benchmarks.md measured the integer engine in numpy at 0.06-0.7x float32
 torch): the GEMMs were a minority of its time; the rest was requantisation, im2col gathers,
@@ -27,6 +28,7 @@ arithmetic because the true accumulator fits int32).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +98,7 @@ class FusedEngine:
         self.isa = default_isa() if isa is None else isa
         self._ext = ext
         self.plan = build_plan(program, isa_code(self.isa), ext)
-        self._instances: dict[tuple[int, int], _Instance] = {}
+        self._local = threading.local()  # instances per calling thread: arenas are not shared
         out = self.plan.tensors[self.plan.output_name]
         self._out_rank, self._out_hwc = out.rank, out.hwc
         self._in = self.plan.tensors[self.plan.input_name]
@@ -105,6 +107,13 @@ class FusedEngine:
     def weight_bytes(self) -> int:
         """Bytes of packed weights the engine holds."""
         return self.plan.weight_bytes
+
+    @property
+    def _instances(self) -> dict[tuple[int, int], _Instance]:
+        """This thread's planned instances by (batch size, thread count)."""
+        if not hasattr(self._local, "instances"):
+            self._local.instances = {}
+        return self._local.instances
 
     def _instance(self, batch: int, threads: int) -> _Instance:
         key = (batch, threads)
