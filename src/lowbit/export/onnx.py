@@ -67,6 +67,7 @@ from ..contract import (
     SignQuant,
     StaticQuant,
 )
+from ..runtime.onnx_model import PREPROCESS_KEY
 from ..runtime.shapes import infer_shapes
 from .files import write_atomic
 from .graph_builder import build_graph
@@ -86,8 +87,6 @@ DEFAULT_OPSET = 21
 """Opset 21 is the first with 4-bit integer types for QuantizeLinear/DequantizeLinear."""
 MIN_OPSET = 18  # reductions take their axes as an input; Pad takes axes
 INT4_OPSET = 21
-PREPROCESS_KEY = "lowbit.preprocess"
-"""``metadata_props`` key of the input normalisation (JSON ``{"scale", "mean", "std"}``)."""
 INPUT, OUTPUT = "input", "output"
 
 # (ONNX type, lowest, highest, 4-bit): the containers integer codes may be stored in
