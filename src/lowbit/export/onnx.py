@@ -39,14 +39,16 @@ normalisation (``preprocess``: ``scale``, ``mean``, ``std``; raw pixels ``p`` be
 
 Agreement with the torch model: ``QuantizeLinear`` divides by the scale where the torch
 quantisers multiply by its float32 reciprocal, and ORT's convolutions sum in another order, so a
-value within a few ulps of a rounding boundary can land one code apart; see
-:func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
+value within a few ulps of a rounding boundary can land one code apart (int8 weights that could
+saturate ORT's AVX2 u8s8 kernels are stored as uint8, see :mod:`lowbit.export.ort_saturation`);
+see :func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ from ..runtime.onnx_model import PREPROCESS_KEY
 from ..runtime.shapes import infer_shapes
 from .files import write_atomic
 from .graph_builder import build_graph
+from .ort_saturation import avoid_u8s8_saturation
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -147,7 +150,7 @@ class _Onnx:
                 op_type,
                 list(inputs),
                 [name],
-                name=self.fresh(f"{base}.op") if out is not None else name,
+                name=self.fresh(base) if out is not None else name,
                 **attrs,
             )
         )
@@ -338,6 +341,12 @@ def graph_to_onnx(graph: Graph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProt
 
     ``opset`` in ``[18, onnx's newest]`` (21 or later for 4-bit weight types). The input has a
     dynamic batch dimension; ``graph.meta["preprocess"]`` goes to ``metadata_props``.
+
+    8-bit weights of a layer whose uint8 activations times int8 weights could saturate int16 in
+    ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI are stored as uint8 (codes + 128, zero
+    point + 128: the same real weights), which ORT runs with its exact u8u8 kernels; see
+    :mod:`lowbit.export.ort_saturation` (a layer that cannot take that form falls back to float
+    weights with a warning naming it).
     """
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
@@ -357,6 +366,8 @@ def graph_to_onnx(graph: Graph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProt
     x_info = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, dims(graph.input_shape))
     y_info = helper.make_tensor_value_info(out, TensorProto.FLOAT, dims(shapes[graph.outputs[0]]))
     body = helper.make_graph(g.nodes, "lowbit", [x_info], [y_info], initializer=g.inits)
+    for message in avoid_u8s8_saturation(body):  # exact in ORT on AVX2-only CPUs too
+        warnings.warn(message, stacklevel=2)
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(body, opset_imports=opsets, producer_name="lowbit")
     proto.ir_version = helper.find_min_ir_version_for(opsets)

@@ -33,7 +33,7 @@ __all__ = [
     "uint8_offset",
 ]
 
-WIDE_BITS = 16
+WIDE_BITS = 20
 """Extra fraction bits of the wide int32 grids that averages and additions are computed on."""
 Env = dict[str, NDArray[Any]]
 
