@@ -306,13 +306,15 @@ def test_version_1_files_load_and_run_identically(method: str) -> None:
     saved = np.load(DATA / f"v1_{method}.npz")
     model = load(DATA / f"v1_{method}.lowbit")
     np.testing.assert_array_equal(model(saved["x"]), saved["logits"])
-    # "integer" holds what engine="auto" gave then: the integer engine (gemmlowp requantisation
-    # with 8 bits of headroom, then the default) for affine, the float engine for the others
-    graph = load_graph(DATA / f"v1_{method}.lowbit")
-    if method == "affine":
-        integer = compile_integer(graph, min_shift=8).run(saved["x"])
-        np.testing.assert_array_equal(integer, saved["integer"])
+    # "integer" holds what engine="auto" gave then: the integer engine (then defaulting to
+    # gemmlowp requantisation with 8 bits of headroom) for lsq, dorefa and affine, the float
+    # engine for ttq and xnor (float activations)
+    auto = load(DATA / f"v1_{method}.lowbit", engine="auto")
+    if method in ("lsq", "dorefa", "affine"):
+        assert auto.engine == "integer"
+        integer = compile_integer(load_graph(DATA / f"v1_{method}.lowbit"), min_shift=8)
+        np.testing.assert_array_equal(integer.run(saved["x"]), saved["integer"])
     else:
-        np.testing.assert_array_equal(saved["integer"], saved["logits"])
-        assert load(DATA / f"v1_{method}.lowbit", engine="auto").engine == "float"
+        assert auto.engine == "float"
+        np.testing.assert_array_equal(auto(saved["x"]), saved["integer"])
     assert model.meta["preprocess"] == {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}
