@@ -32,7 +32,7 @@ from lowbit.export import build_graph, graph_to_bytes
 from lowbit.nn import weight_codes
 from lowbit.quant import create
 from lowbit.quant.base import QuantSpec
-from lowbit.runtime import LowbitFileError, load, loads
+from lowbit.runtime import LowbitFileError, compile_integer, load, load_graph, loads
 from test_export import IN_SHAPE, quantized_net
 from test_fuzz_lowbit_file import edit, set_payload_bytes, split
 
@@ -306,6 +306,15 @@ def test_version_1_files_load_and_run_identically(method: str) -> None:
     saved = np.load(DATA / f"v1_{method}.npz")
     model = load(DATA / f"v1_{method}.lowbit")
     np.testing.assert_array_equal(model(saved["x"]), saved["logits"])
+    # "integer" holds what engine="auto" gave then: the integer engine (then defaulting to
+    # gemmlowp requantisation with 8 bits of headroom) for lsq, dorefa and affine, the float
+    # engine for ttq and xnor (float activations)
     auto = load(DATA / f"v1_{method}.lowbit", engine="auto")
-    np.testing.assert_array_equal(auto(saved["x"]), saved["integer"])
+    if method in ("lsq", "dorefa", "affine"):
+        assert auto.engine == "integer"
+        integer = compile_integer(load_graph(DATA / f"v1_{method}.lowbit"), min_shift=8)
+        np.testing.assert_array_equal(integer.run(saved["x"]), saved["integer"])
+    else:
+        assert auto.engine == "float"
+        np.testing.assert_array_equal(auto(saved["x"]), saved["integer"])
     assert model.meta["preprocess"] == {"scale": 1 / 255, "mean": [0.5], "std": [0.25]}

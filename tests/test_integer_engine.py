@@ -220,6 +220,11 @@ def _spec(scale: object, zp: object, qmin: int, qmax: int, axis: int | None = No
     return CodeSpec("affine", bits, qmin, qmax, scale, zp, None, axis, qmin < 0)  # type: ignore[arg-type]
 
 
+def f32(x: object) -> np.ndarray:
+    """``x`` rounded to float32, held as float64."""
+    return np.asarray(x, np.float32).astype(np.float64)
+
+
 def two_layer_graph(
     w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray, grid_in: Grid, grid_out: Grid
 ) -> Graph:
@@ -267,11 +272,12 @@ def test_requantisation_bit_exact_against_int64_gemmlowp(
 ) -> None:
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (n, k))
-    w_scale = 10.0 ** rng.uniform(-3, -1, n if per_channel else 1)
+    # scales are float32 in the contract (as in files): draw them as float32 values
+    w_scale = f32(10.0 ** rng.uniform(-3, -1, n if per_channel else 1))
     zin, zout = (int(rng.integers(lo, hi + 1)) for lo, hi in (in_range, out_range))
-    grid_in = Grid(float(rng.uniform(0.01, 0.1)), zin, *in_range)
+    grid_in = Grid(float(f32(rng.uniform(0.01, 0.1))), zin, *in_range)
     m_target = 10.0**log_m  # the real multiplier of channel 0
-    s_out = grid_in.scale * w_scale[0] / m_target
+    s_out = float(f32(grid_in.scale * w_scale[0] / m_target))
     grid_out = Grid(s_out, zout, *out_range)
     bias = rng.normal(0, 50, n) * grid_in.scale * np.broadcast_to(w_scale, n)
     program = compile_integer(

@@ -279,6 +279,8 @@ def test_export_onnx_run(tmp_path: Path) -> None:
     proto = onnx.load(out)
     assert "QuantizeLinear" in _ops(proto)
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 8, 8]
+    pre = json.loads({p.key: p.value for p in proto.metadata_props}[PREPROCESS_KEY])
+    assert set(pre) == {"scale", "mean", "std"} and len(pre["mean"]) == len(pre["std"]) == 1
 
 
 def test_export_restores_training_mode_and_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.contract.Graph`.
+"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.contract.Graph`: the one
+graph builder, whose graph both the ``.lowbit`` writer and the ONNX writer serialise.
 
 :func:`build_graph` traces the model with ``torch.fx``, keeping quantised layers
 (``QuantConv2d``, ``QuantLinear``, ``ConvBnAct``), quantisers and standard ``torch.nn`` layers
@@ -9,9 +10,11 @@ every shape, and maps each node to a graph op:
 * quantised layers export their weight as integer codes and spec (``weight_codes``; folded
   weights for ``ConvBnAct``, whose activation becomes a ``relu``/``clamp`` node), float layers
   as float32; the latent float weights of quantised layers are not exported;
-* each layer's activation quantiser becomes its ``input_quant`` through
-  :meth:`lowbit.quant.Quantizer.runtime_spec`; a standalone ``QuantAct`` joins the layer it
-  feeds;
+* each layer's activation quantiser becomes its ``input_quant`` (a typed
+  :class:`~lowbit.contract.InputQuant`) through :meth:`lowbit.quant.Quantizer.runtime_spec`; a
+  standalone ``QuantAct`` joins the layer it feeds; weight specs are
+  :meth:`lowbit.quant.QuantSpec.to_contract`; every node records its output ``shape`` and the
+  layer's ``methods``;
 * BatchNorm becomes ``batchnorm`` (``scale = gamma / sqrt(var + eps)``,
   ``shift = beta - mean * scale``), folded into the layer before it when that layer has float
   weights and nothing else reads its output (``fold_bn``).
@@ -529,7 +532,7 @@ def build_graph_with_values(
     except Exception as err:  # user code may fail to trace in any way
         raise ValueError(f"export: the model does not trace with torch.fx: {err}") from err
     gm = torch.fx.GraphModule(model, fx_graph)
-    was_training = model.training
+    flags = {m: m.training for m in model.modules()}  # restored one by one (mixed modes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     try:
@@ -538,7 +541,8 @@ def build_graph_with_values(
         builder = _Builder(model, fx_graph, rec, fold_bn)
         graph = builder.run()
     finally:
-        model.train(was_training)
+        for m, training in flags.items():
+            m.train(training)
     graph.meta.update(
         producer=f"lowbit {__version__}",
         model=type(model).__name__,

@@ -40,8 +40,8 @@ normalisation (``preprocess``: ``scale``, ``mean``, ``std``; raw pixels ``p`` be
 Agreement with the torch model: ``QuantizeLinear`` divides by the scale where the torch
 quantisers multiply by its float32 reciprocal, and ORT's convolutions sum in another order, so a
 value within a few ulps of a rounding boundary can land one code apart (int8 weights that could
-saturate ORT's AVX2 u8s8 kernels are stored as uint8, see :mod:`lowbit.export.ort_saturation`); see
-:func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
+saturate ORT's AVX2 u8s8 kernels are stored as uint8, see :mod:`lowbit.export.ort_saturation`);
+see :func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from ..contract import (
     SignQuant,
     StaticQuant,
 )
+from ..runtime.onnx_model import PREPROCESS_KEY
 from ..runtime.shapes import infer_shapes
 from .files import write_atomic
 from .graph_builder import build_graph
@@ -89,8 +90,6 @@ DEFAULT_OPSET = 21
 """Opset 21 is the first with 4-bit integer types for QuantizeLinear/DequantizeLinear."""
 MIN_OPSET = 18  # reductions take their axes as an input; Pad takes axes
 INT4_OPSET = 21
-PREPROCESS_KEY = "lowbit.preprocess"
-"""``metadata_props`` key of the input normalisation (JSON ``{"scale", "mean", "std"}``)."""
 INPUT, OUTPUT = "input", "output"
 
 # (ONNX type, lowest, highest, 4-bit): the containers integer codes may be stored in
@@ -151,7 +150,7 @@ class _Onnx:
                 op_type,
                 list(inputs),
                 [name],
-                name=self.fresh(f"{base}.op") if out is not None else name,
+                name=self.fresh(base) if out is not None else name,
                 **attrs,
             )
         )
@@ -341,9 +340,13 @@ def graph_to_onnx(graph: Graph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProt
     """The ONNX model of ``graph`` (validated; checked with ``onnx.checker``, full check).
 
     ``opset`` in ``[18, onnx's newest]`` (21 or later for 4-bit weight types). The input has a
-    dynamic batch dimension; ``graph.meta["preprocess"]`` goes to ``metadata_props``. Layers
-    whose int8 weights could saturate ONNX Runtime's u8s8 kernels get uint8 weights
-    (:mod:`lowbit.export.ort_saturation`).
+    dynamic batch dimension; ``graph.meta["preprocess"]`` goes to ``metadata_props``.
+
+    8-bit weights of a layer whose uint8 activations times int8 weights could saturate int16 in
+    ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI are stored as uint8 (codes + 128, zero
+    point + 128: the same real weights), which ORT runs with its exact u8u8 kernels; see
+    :mod:`lowbit.export.ort_saturation` (a layer that cannot take that form falls back to float
+    weights with a warning naming it).
     """
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
@@ -401,12 +404,6 @@ def export_onnx(
     dynamic batch dimension. The model is exported in evaluation mode (its training flag is
     restored afterwards); ``preprocess`` (``{"scale", "mean", "std"}``) is recorded in
     ``metadata_props``. Raises ValueError naming the node for parts with no exportable form.
-
-    8-bit weights of a layer whose uint8 activations times int8 weights could saturate int16 in
-    ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI are stored as uint8 (codes + 128, zero
-    point + 128: the same real weights), which ORT runs with its exact u8u8 kernels; see
-    :mod:`lowbit.export.ort_saturation` (a layer that cannot take that form falls back to float
-    weights with a warning naming it).
     """
     if not isinstance(example_input, Tensor) or example_input.dim() < 2:
         raise ValueError(

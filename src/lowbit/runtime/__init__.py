@@ -9,6 +9,7 @@ from .inputs import classify, read_input
 from .integer import IntegerProgram, compile_integer
 from .loader import LowbitFileError, graph_from_bytes, load, load_graph, loads
 from .model import Model, Prediction
+from .onnx_model import OnnxModel
 from .summary import FileSummary, file_summary
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "LowbitFileError",
     "Model",
     "Node",
+    "OnnxModel",
     "Prediction",
     "classify",
     "compile_integer",

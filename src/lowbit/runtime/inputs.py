@@ -11,13 +11,14 @@ from numpy.typing import NDArray
 
 from .loader import load
 from .model import Model
+from .onnx_model import OnnxModel
 
 __all__ = ["classify", "read_input"]
 
 F32 = np.float32
 
 
-def read_input(path: str | Path, model: Model) -> NDArray[np.float32]:
+def read_input(path: str | Path, model: Model | OnnxModel) -> NDArray[np.float32]:
     """One input batch for ``model`` from a ``.npy`` array or an image file (PNG, ...).
 
     Images and ``uint8`` arrays are raw pixels: they are scaled and normalised with the file's
@@ -31,8 +32,8 @@ def read_input(path: str | Path, model: Model) -> NDArray[np.float32]:
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+        except (OSError, ValueError):
+            raise ValueError(f"{path}: not a readable .npy array") from None
         raw = arr.dtype == np.uint8
     else:
         arr = _read_image(path, model.input_shape)
@@ -58,8 +59,8 @@ def _read_image(path: Path, shape: list[int]) -> NDArray[np.uint8]:
             arr = np.asarray(img.convert("L" if shape[0] == 1 else "RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
-    except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{path}: not an image file PIL can read ({err})") from None
+    except (OSError, ValueError):  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not an image (PNG, JPEG, ...) or a .npy array") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -75,14 +76,14 @@ def _preprocess(arr: NDArray[Any], pre: dict[str, Any] | None) -> NDArray[np.flo
 
 
 def classify(
-    model_or_path: Model | str | Path, inputs: Sequence[str | Path], top_k: int = 5
+    model_or_path: Model | OnnxModel | str | Path, inputs: Sequence[str | Path], top_k: int = 5
 ) -> list[tuple[str, list[tuple[int, float]]]]:
     """Top-``top_k`` ``(class, probability)`` pairs for every sample of every input file.
 
     For ``lowbit run model.lowbit INPUT...``: each entry is ``(label, pairs)`` with label
     ``"file"`` (or ``"file[i]"`` for sample ``i`` of a batch file).
     """
-    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
+    model = model_or_path if isinstance(model_or_path, (Model, OnnxModel)) else load(model_or_path)
     results: list[tuple[str, list[tuple[int, float]]]] = []
     for path in inputs:
         batch = read_input(path, model)

@@ -43,25 +43,23 @@ Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero
 
 **Rounding.** By default requantisation is exact: ``Z + round_half_even((acc M0 + bias_q)
 2^-(31+n))`` in int64 with the bias below the binary point
-(:func:`~lowbit.runtime.integer_requant.exact_epilogue` states the bound), i.e. the correctly
-rounded real value, as the fake-quant model's
-``round_half_even(r / S) + Z`` up to its own float32 error, on trained and untrained weights
-alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's double rounding instead (see
-:func:`lowbit.fixedpoint.requantize`), off by one for about ``2^-(n+1)`` of the codes, ``n`` the
-shift; layers with a small shift then get *headroom*: the accumulator is multiplied by ``2^L``
-(exact, within int32) and the shift raised by ``L`` up to ``min_shift``, with the bias quantised
-at ``2^-L`` of an accumulator unit; the rate drops to ``2^-(n+L+1)``; ``min_shift=0`` is plain
-gemmlowp everywhere. Rescaling between grids (``add`` operands, a tensor consumed
-under two different grids) uses the same fixed-point multiply, or a single rounding shift
-(half away from zero) when the ratio of scales is a power of two (wide -> 8-bit). Averages
-(``avgpool2d``, ``global_avgpool2d``) are ``Z + round_half_even(sum(q - Z) / count)`` in exact
-integer arithmetic, with the window count including padding unless ``count_include_pad`` is
-False. ``add`` follows TFLite's idea of bringing both operands to one finer common scale with
-fixed-point multipliers before adding: here the common scale is the wide version of the output
-grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one rounding.
-In a residual network the fake-quant model adds *float* tensors; the engine holds them to
-``2^-20`` of a code, so it matches up to rare off-by-ones there too.
-"""
+(:func:`~lowbit.runtime.requant.exact_epilogue` states the bound), i.e. the correctly rounded real
+value, as the fake-quant model's ``round_half_even(r / S) + Z`` up to its own float32 error, on
+trained and untrained weights alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's
+double rounding instead (see :func:`lowbit.fixedpoint.requantize`), off by one for about
+``2^-(n+1)`` of the codes, ``n`` the shift; layers with a small shift then get *headroom*: the
+accumulator is multiplied by ``2^L`` (exact, within int32) and the shift raised by ``L`` up to
+``min_shift``, with the bias quantised at ``2^-L`` of an accumulator unit; the rate drops to
+``2^-(n+L+1)``; ``min_shift=0`` is plain gemmlowp everywhere. Rescaling between grids (``add``
+operands, a tensor consumed under two different grids) uses the same fixed-point multiply, or a
+single rounding shift (half away from zero) when the ratio of scales is a power of two (wide ->
+8-bit). Averages (``avgpool2d``, ``global_avgpool2d``) are ``Z + round_half_even(sum(q - Z) /
+count)`` in exact integer arithmetic, with the window count including padding unless
+``count_include_pad`` is False. ``add`` follows TFLite's idea of bringing both operands to one finer
+common scale with fixed-point multipliers before adding: here the common scale is the wide version
+of the output grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one
+rounding. In a residual network the fake-quant model adds *float* tensors; the engine holds them to
+``2^-20`` of a code, so it matches up to rare off-by-ones there too."""
 
 from __future__ import annotations
 
@@ -89,7 +87,7 @@ from .integer_ops import (
     rescale,
     uint8_offset,
 )
-from .integer_requant import Epilogue, epilogue, round_shift_half_even
+from .requant import Epilogue, epilogue, round_shift_half_even
 
 __all__ = [
     "WIDE_BITS",
@@ -496,13 +494,12 @@ def _op_step(plan: _Plan, node: Node) -> Op:
 def compile_integer(graph: Graph, *, min_shift: int | None = None) -> IntegerProgram:
     """Compile ``graph`` for integer-only inference (Jacob et al. 2018).
 
-    ``min_shift`` None (the default): every layer requantises with the exact single-rounding
-    64-bit scheme (:func:`~lowbit.runtime.integer_requant.exact_epilogue`), so the codes are the
-    correctly rounded real values whatever the weights (trained or not). An integer selects
-    gemmlowp's double rounding instead: layers whose requantisation shift ``n`` is smaller get
-    ``min_shift - n`` bits of accumulator headroom (see the module docstring); 0 gives plain
-    gemmlowp requantisation everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.
-    Requant` stage).
+    ``min_shift`` None (the default): every layer requantises with the exact single-rounding 64-bit
+    scheme (:func:`~lowbit.runtime.requant.exact_epilogue`), so the codes are the correctly rounded
+    real values whatever the weights (trained or not). An integer selects gemmlowp's double rounding
+    instead: layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits of
+    accumulator headroom (see the module docstring); 0 gives plain gemmlowp requantisation
+    everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
 
     Raises :class:`~lowbit.contract.GraphError` naming the node when part of the graph is
     not integer-only (float weights or activations, a BatchNorm that does not follow a layer,

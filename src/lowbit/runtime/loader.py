@@ -57,6 +57,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ from numpy.typing import NDArray
 from .. import packing
 from ..contract import Graph, GraphError, is_int
 from .model import Model
+from .onnx_model import OnnxModel
 from .shapes import infer_shapes
 
 __all__ = [
@@ -388,12 +390,20 @@ def loads(data: bytes, source: str = "<bytes>", engine: str = "float") -> Model:
         raise LowbitFileError(f"{source}: {err}") from None
 
 
-def load(path: str | os.PathLike[str], engine: str = "float") -> Model:
+def load(path: str | os.PathLike[str], engine: str = "float") -> Model | OnnxModel:
     """Load a ``.lowbit`` file for CPU inference: validated, decoded, ready to call.
 
     Needs neither torch nor the training code; never unpickles. A truncated, corrupt or
     hostile file raises :class:`LowbitFileError` (a ValueError) naming the file. ``engine``:
     ``"float"`` (default), ``"integer"`` (integer-only; an error for graphs that are not) or
-    ``"auto"`` (integer where possible), see :class:`Model`.
+    ``"auto"`` (integer where possible), see :class:`Model`. A ``.onnx`` file (from
+    ``lowbit export --format onnx``) loads as an :class:`OnnxModel` on onnxruntime instead,
+    with its input normalisation, for ``lowbit run``; ``engine`` ``"integer"`` is refused there.
     """
+    if Path(path).suffix.lower() == ".onnx":
+        if engine == "integer":
+            raise ValueError(
+                f"{path}: engine 'integer' runs .lowbit files; ONNX runs on onnxruntime"
+            )
+        return OnnxModel(path)
     return loads(_read(path), str(path), engine=engine)

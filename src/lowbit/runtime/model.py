@@ -39,7 +39,7 @@ from .ops import NODE_OPS
 from .program import Program
 from .shapes import infer_shapes
 
-__all__ = ["ENGINES", "Model", "Prediction"]
+__all__ = ["ENGINES", "Model", "Prediction", "top_classes"]
 
 ENGINES = ("float", "integer", "auto")
 F32 = np.float32
@@ -50,6 +50,17 @@ class Prediction(NamedTuple):
 
     indices: NDArray[np.int64]
     probs: NDArray[np.float32]
+
+
+def top_classes(logits: NDArray[Any], k: int) -> Prediction:
+    """The ``k`` largest softmax probabilities of each row of ``logits`` (best first)."""
+    if not is_int(k) or k < 1:
+        raise ValueError(f"top_k must be a positive int, got {k!r}")
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    probs = z / z.sum(axis=1, keepdims=True)
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
+    return Prediction(idx.astype(np.int64), np.take_along_axis(probs, idx, 1).astype(F32))
 
 
 class Model:
@@ -146,11 +157,4 @@ class Model:
 
     def predict(self, x: NDArray[Any], top_k: int = 5) -> Prediction:
         """Top-``top_k`` classes (best first) and their softmax probabilities."""
-        if not is_int(top_k) or top_k < 1:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        logits = self(x).astype(np.float64)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
-        k = min(top_k, probs.shape[1])
-        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return Prediction(idx.astype(np.int64), np.take_along_axis(probs, idx, 1).astype(F32))
+        return top_classes(self(x), top_k)

@@ -1,9 +1,5 @@
-"""Requantisation of the integer engine's layers: :class:`Epilogue` and how it is planned.
-
-Two schemes (see :mod:`lowbit.runtime.integer`, **Rounding**): the exact single-rounding 64-bit
-one (the default, :func:`exact_epilogue`) and gemmlowp's double rounding with headroom
-(``min_shift``). Split from ``integer.py`` (planning and layers) to keep modules small.
-"""
+"""Requantisation epilogues of the integer engine's layers (see :mod:`lowbit.runtime.integer`):
+the exact single-rounding 64-bit scheme (the default) and gemmlowp's with headroom."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from ..fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
 from .integer_ops import Grid
 
 __all__ = ["INT64_ROOM", "Epilogue", "epilogue", "exact_epilogue", "round_shift_half_even"]
-
 
 INT64_ROOM = 2**62  # |acc m0| + |bias| stays below this in the exact requantisation
 
