@@ -312,10 +312,10 @@ def test_spec_and_codes_round_trip(scheme, bits, out, k, per_channel, asymmetric
 
 
 # ----------------------------------------------------------------------------- coverage
-@pytest.mark.parametrize("index", range(len(list_models())))
+@pytest.mark.parametrize("index", range(len(list_models("image"))))
 def test_every_registry_model_exports(index: int, tmp_path: Path) -> None:
     """Each registry model, with a different method each (all methods are covered)."""
-    name = list_models()[index]
+    name = list_models("image")[index]
     method = EXPORTABLE[index % len(EXPORTABLE)]
     shape = (1, 28, 28) if name in ("lenet5", "mlp") else (3, 32, 32)
     model = calibrate(lowbit.quantize(create_model(name, 10, shape, seed=0), method), shape)
