@@ -9,8 +9,9 @@ only, :class:`~lowbit.nn.QuantEmbedding`) when an override names it. The project
 and it never calls ``out_proj.forward`` (it reads the weights directly), so a swapped layer
 would be silently bypassed; models with separate ``nn.Linear`` projections (``lowbit.models``'
 LLaMA family, most Hugging Face models) are quantised fully. Each layer is swapped for
-:class:`~lowbit.nn.QuantConv2d` / :class:`~lowbit.nn.QuantLinear` (sharing the original Parameters), or, with ``fold_bn``, for a
-:class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm that follows the conv.
+:class:`~lowbit.nn.QuantConv2d` / :class:`~lowbit.nn.QuantLinear` (sharing the original
+Parameters), or, with ``fold_bn``, for a :class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm
+that follows the conv.
 """
 
 from __future__ import annotations
