@@ -98,9 +98,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, layer: int, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, layer: int, cache: KVCache | None, past: int) -> Tensor:
+        """``x`` (B, T, dim) at positions ``past .. past + T - 1``; keys and values of the
+        earlier positions come from ``cache`` (None: there are none, ``past`` is 0)."""
         b, t, _ = x.shape
-        past = 0 if cache is None else cache.length
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,8 +151,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c.dim, c.hidden, c.act)
 
-    def forward(self, x: Tensor, layer: int, cache: KVCache | None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), layer, cache)
+    def forward(self, x: Tensor, layer: int, cache: KVCache | None, past: int) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), layer, cache, past)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -205,8 +206,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         x = self.embed_tokens(ids)
+        past = 0 if cache is None else cache.length
         for i, layer in enumerate(self.layers):
-            x = layer(x, i, cache)
+            x = layer(x, i, cache, past)
         return self.norm(x)
 
 
