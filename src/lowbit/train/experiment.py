@@ -56,7 +56,7 @@ EXPERIMENT_KEYS = (
     "quant",
     "train",
 )
-DATA_KEYS = ("name", "data_dir", "val_fraction", "download", "augment")
+DATA_KEYS = ("name", "data_dir", "val_fraction", "download", "augment", "path", "seq_len")
 DEFAULT_EXPERIMENT = "mnist5k-ttq"
 
 
