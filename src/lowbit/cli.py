@@ -6,6 +6,7 @@ lowbit train --resume RUN                                         continue a kil
 lowbit eval RUN [--split test]                                    accuracy of a run's model
 lowbit summary RUN                                                per-layer bits, sparsity, size
 lowbit compare RUN [RUN ...]                                      table across runs
+lowbit generate RUN --prompt TEXT                                 sample text from a language model
 lowbit methods                                                    registered quantisers
 """
 
@@ -88,18 +89,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    from .models import model_task
     from .train.experiment import load_data, load_run
+    from .train.lm import lm_metrics, task_loss
     from .train.trainer import evaluate
 
     exp, model, _ = load_run(Path(args.run))
     data = load_data(exp, exp.train.seed)
     loader = DataLoader(getattr(data, args.split), batch_size=args.batch_size)
-    metrics = evaluate(model, loader)
+    text = model_task(exp.model["name"]) == "text"
+    metrics = evaluate(model, loader, task_loss("text" if text else "image"))
     table = Table(title=f"{args.run}: {args.split} split")
     table.add_column("loss", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_row(f"{metrics['loss']:.4f}", f"{metrics['acc']:.2%}")
+    table.add_column("next-token accuracy" if text else "accuracy", justify="right")
+    cells = [f"{metrics['loss']:.4f}", f"{metrics['acc']:.2%}"]
+    if text:  # language models: bits per byte and perplexity
+        table.add_column("bits/byte", justify="right")
+        table.add_column("perplexity", justify="right")
+        lm = lm_metrics(metrics["loss"])
+        cells += [f"{lm['bpb']:.4f}", f"{lm['ppl']:.3f}"]
+    table.add_row(*cells)
     console.print(table)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models import model_task
+    from .train.experiment import load_run
+    from .train.lm import generate
+
+    exp, model, _ = load_run(Path(args.run))
+    if model_task(exp.model["name"]) != "text":
+        raise ValueError(f"{args.run}: model {exp.model['name']!r} is not a language model")
+    text = generate(
+        model,
+        args.prompt,
+        args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    console.print(args.prompt + text, markup=False, highlight=False)
     return 0
 
 
@@ -235,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a language-model run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("summary", help="per-layer bits, sparsity and size (run or .lowbit)")
     p.add_argument("target", help="a run folder or a .lowbit file")

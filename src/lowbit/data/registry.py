@@ -97,9 +97,10 @@ def register_text_dataset(name: str) -> Callable[[TextLoader], TextLoader]:
     return deco
 
 
-def list_datasets() -> list[str]:
-    """Registered dataset names (images and text), sorted."""
-    return sorted([*_REGISTRY, *_TEXT_REGISTRY])
+def list_datasets(task: str | None = None) -> list[str]:
+    """Registered dataset names, sorted; only the ``image`` or ``text`` ones if ``task``."""
+    names = {"image": list(_REGISTRY), "text": list(_TEXT_REGISTRY)}
+    return sorted(names[task] if task is not None else [*_REGISTRY, *_TEXT_REGISTRY])
 
 
 def load_dataset(
