@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 
 from ..models import KVCache
 
@@ -62,6 +63,24 @@ def add_lm_metrics(results: dict[str, Any]) -> None:
         last = r
     if last is not None:
         results["test_bpb"], results["test_ppl"] = last["test"]["bpb"], last["test"]["ppl"]
+
+
+def fully_shard_lm(model: nn.Module, mesh: Any = None) -> nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over a (quantised) language model.
+
+    Each ``nn.ModuleList`` entry of the model's ``layers`` (the decoder blocks of the LLaMA
+    family) becomes one FSDP unit, then the root (embedding, final norm, head). Quantisers need
+    nothing special: the forward all-gathers each block's full weights, so per-tensor scales
+    such as BitNet's ``mean|W|`` see the whole tensor. Call after ``quantize`` and before
+    building the optimizer; ``mesh`` defaults to all ranks of the default process group.
+    """
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            for layer in layers:
+                fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _takes_cache(model: nn.Module) -> bool:
