@@ -37,8 +37,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x: Tensor) -> Tensor:  # the statistic in float32, as HF's LLaMA does
+        inv = torch.rsqrt(
+            x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(dim=-1, keepdim=True)
+            + self.eps
+        )
+        return x * inv.to(x.dtype) * self.weight
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

@@ -39,8 +39,12 @@ __all__ = ["AbsMaxActivation", "BitNetActivation", "BitNetWeight", "rms_normaliz
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    """Parameter-free RMSNorm over the last dimension: ``x / sqrt(mean(x^2) + eps)``."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    """Parameter-free RMSNorm over the last dimension: ``x / sqrt(mean(x^2) + eps)``.
+
+    The mean square is taken in at least float32 (float16 under AMP would overflow above 256).
+    """
+    ms = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(dim=-1, keepdim=True)
+    return x * torch.rsqrt(ms + eps).to(x.dtype)
 
 
 @register("bitnet", roles=("weight",))
