@@ -60,8 +60,10 @@ def field(reader, key):
 
 def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's converter's q/k permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
     )
 
 
@@ -100,9 +102,15 @@ def test_every_ternary_tensor_is_byte_exact_and_dequantises_to_lowbit(tmp_path) 
             heads = cfg.n_heads if name.endswith("q_proj") else cfg.n_kv_heads
             values, codes_np = hf_permute(values, heads), hf_permute(codes_np, heads)
         layer = int(name.split(".")[2])
-        suffix = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-                  "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
-                  "down_proj": "ffn_down"}[name.rsplit(".", 1)[1]]
+        suffix = {
+            "q_proj": "attn_q",
+            "k_proj": "attn_k",
+            "v_proj": "attn_v",
+            "o_proj": "attn_output",
+            "gate_proj": "ffn_gate",
+            "up_proj": "ffn_up",
+            "down_proj": "ffn_down",
+        }[name.rsplit(".", 1)[1]]
         t = found[f"blk.{layer}.{suffix}.weight"]
         assert t.tensor_type == QT.TQ2_0
         np.testing.assert_array_equal(t.data, quantize(values, QT.TQ2_0))
@@ -259,7 +267,7 @@ def test_activations_llamacpp_cannot_reproduce_are_errors(tmp_path) -> None:
     assert export_gguf(model, tmp_path / "ok.gguf", float_activations=True).is_file()
     lsq = small_llama()
     lowbit.quantize(lsq, {"weights": {"method": "bitnet"}, "activations": {"method": "lsq"}})
-    with pytest.raises(GGUFExportError, match="no llama.cpp form"):
+    with pytest.raises(GGUFExportError, match=r"no llama\.cpp form"):
         export_gguf(lsq, tmp_path / "y.gguf")
 
 
@@ -277,28 +285,47 @@ def test_per_row_scales_fit_blocks_exactly(tmp_path) -> None:
     """A per-row ternary scale (numpy entries, no torch) is each block's absmax: TQ2_0 holds it
     up to fp16 rounding, rows permuted with the q rows."""
     rng = np.random.default_rng(3)
-    cfg = {"vocab_size": 256, "max_seq_len": 8, "dim": 256, "n_layers": 1, "n_heads": 2,
-           "n_kv_heads": 1, "hidden": 256, "act": "silu", "tie_embeddings": True,
-           "rope_theta": 1e4, "norm_eps": 1e-5}
-    shapes = {"model.embed_tokens.weight": (256, 256),
-              "model.layers.0.input_layernorm.weight": (256,),
-              "model.layers.0.self_attn.q_proj.weight": (256, 256),
-              "model.layers.0.self_attn.k_proj.weight": (128, 256),
-              "model.layers.0.self_attn.v_proj.weight": (128, 256),
-              "model.layers.0.self_attn.o_proj.weight": (256, 256),
-              "model.layers.0.post_attention_layernorm.weight": (256,),
-              "model.layers.0.mlp.gate_proj.weight": (256, 256),
-              "model.layers.0.mlp.up_proj.weight": (256, 256),
-              "model.layers.0.mlp.down_proj.weight": (256, 256),
-              "model.norm.weight": (256,)}
-    weights = {k: {"values": rng.standard_normal(s).astype(np.float32), "scheme": "float"}
-               for k, s in shapes.items()}
+    cfg = {
+        "vocab_size": 256,
+        "max_seq_len": 8,
+        "dim": 256,
+        "n_layers": 1,
+        "n_heads": 2,
+        "n_kv_heads": 1,
+        "hidden": 256,
+        "act": "silu",
+        "tie_embeddings": True,
+        "rope_theta": 1e4,
+        "norm_eps": 1e-5,
+    }
+    shapes = {
+        "model.embed_tokens.weight": (256, 256),
+        "model.layers.0.input_layernorm.weight": (256,),
+        "model.layers.0.self_attn.q_proj.weight": (256, 256),
+        "model.layers.0.self_attn.k_proj.weight": (128, 256),
+        "model.layers.0.self_attn.v_proj.weight": (128, 256),
+        "model.layers.0.self_attn.o_proj.weight": (256, 256),
+        "model.layers.0.post_attention_layernorm.weight": (256,),
+        "model.layers.0.mlp.gate_proj.weight": (256, 256),
+        "model.layers.0.mlp.up_proj.weight": (256, 256),
+        "model.layers.0.mlp.down_proj.weight": (256, 256),
+        "model.norm.weight": (256,),
+    }
+    weights = {
+        k: {"values": rng.standard_normal(s).astype(np.float32), "scheme": "float"}
+        for k, s in shapes.items()
+    }
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     codes = rng.integers(-1, 2, size=(256, 256)).astype(np.int8)
     scale = rng.uniform(0.01, 0.1, size=256).astype(np.float32)
     weights["model.layers.0.self_attn.q_proj.weight"] = {
-        "values": codes * scale[:, None], "scheme": "ternary", "codes": codes, "scale": scale,
-        "scale_neg": None, "axis": 0}
+        "values": codes * scale[:, None],
+        "scheme": "ternary",
+        "codes": codes,
+        "scale": scale,
+        "scale_neg": None,
+        "axis": 0,
+    }
     found = tensors(read(write_llama_gguf(tmp_path / "r.gguf", cfg, weights)))
     assert "output.weight" not in found  # tied and equal
     q = found["blk.0.attn_q.weight"]
@@ -306,6 +333,7 @@ def test_per_row_scales_fit_blocks_exactly(tmp_path) -> None:
     np.testing.assert_array_equal(q.data, quantize(expected, QT.TQ2_0))
     np.testing.assert_allclose(dequantize(q.data, QT.TQ2_0), expected, rtol=2**-11, atol=0)
     weights["model.layers.0.self_attn.q_proj.weight"] = dict(
-        weights["model.layers.0.self_attn.q_proj.weight"], axis=1)
+        weights["model.layers.0.self_attn.q_proj.weight"], axis=1
+    )
     with pytest.raises(GGUFExportError, match="per tensor or per row"):
         write_llama_gguf(tmp_path / "c.gguf", cfg, weights)

@@ -118,7 +118,7 @@ def encode_ternary(codes: np.ndarray, scales: np.ndarray, ggml_type: int) -> byt
     """
     if ggml_type not in (TQ1_0, TQ2_0):
         raise ValueError(f"not a ternary ggml type: {ggml_type}")
-    rows, cols = codes.shape
+    cols = codes.shape[1]
     if cols % BLOCK:
         raise ValueError(f"row length {cols} is not a multiple of {BLOCK}")
     blocks = codes.reshape(-1, BLOCK)
@@ -160,8 +160,10 @@ def _header(metadata: Mapping[str, tuple[str, Any]], tensors: Sequence[GGUFTenso
     offset = 0
     for t in tensors:
         dims = tuple(reversed(t.shape))
-        parts.append(_string(t.name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims,
-                                                   t.ggml_type, offset))
+        parts.append(
+            _string(t.name)
+            + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.ggml_type, offset)
+        )
         offset += len(t.data) + _padding(len(t.data))
     head = b"".join(parts)
     return head + bytes(_padding(len(head)))
