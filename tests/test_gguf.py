@@ -337,3 +337,51 @@ def test_per_row_scales_fit_blocks_exactly(tmp_path) -> None:
     )
     with pytest.raises(GGUFExportError, match="per tensor or per row"):
         write_llama_gguf(tmp_path / "c.gguf", cfg, weights)
+
+
+@pytest.mark.slow  # trains a run (about 20 s on 2 loaded cores)
+def test_cli_exports_a_run_as_gguf(tmp_path, capsys) -> None:
+    import yaml
+
+    from lowbit.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 7}\n" for i in range(100)))
+    exp = {
+        "name": "tiny-gguf",
+        "seed": 0,
+        "model": {"name": "llama", "dim": 32, "n_layers": 1, "n_heads": 2},
+        "data": {"name": "text", "path": str(corpus), "seq_len": 16},
+        "quant": "bitnet",
+        "train": {"epochs": 1, "batch_size": 8, "optimizer": "adamw", "lr": 0.01, "device": "cpu"},
+    }
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(exp))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "e.yaml"), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run), "--format", "gguf", "-o", str(out)]) == 2  # in-layer norm
+    said = capsys.readouterr()
+    assert "q_proj" in said.err + said.out and "float-activations" in said.err + said.out
+    assert (
+        main(["export", str(run), "--format", "gguf", "-o", str(out), "--float-activations"]) == 2
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--format",
+                "gguf",
+                "-o",
+                str(out),
+                "--float-activations",
+                "--gguf-fallback",
+                "f16",
+            ]
+        )
+        == 0
+    )  # rows of 32: the chosen fallback
+    reader = read(out)
+    assert field(reader, "llama.embedding_length") == 32
+    assert tensors(reader)["blk.0.attn_q.weight"].tensor_type == QT.F16

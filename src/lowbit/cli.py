@@ -149,7 +149,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "onnx":
+    if args.format == "gguf":
+        from .export.gguf_model import export_gguf
+        from .train.experiment import load_run
+
+        out = export_gguf(
+            load_run(Path(args.run))[1],
+            args.output or Path(args.run) / "model.gguf",
+            ternary_type=args.gguf_ternary,
+            fallback=args.gguf_fallback,
+            float_activations=args.float_activations,
+        )
+    elif args.format == "onnx":
         from .export.onnx import export_onnx_run
 
         out = export_onnx_run(args.run, args.output or Path(args.run) / "model.onnx")
@@ -279,15 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run folder or a .lowbit file")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("export", help="write a run's model as a bit-packed .lowbit or ONNX file")
+    p = sub.add_parser("export", help="write a run's model as a .lowbit, ONNX or GGUF file")
     p.add_argument("run", help="a run folder")
-    p.add_argument("-o", "--output", type=Path, help="default: RUN/model.lowbit or .onnx")
-    p.add_argument("--format", choices=("lowbit", "onnx"), default="lowbit")
+    p.add_argument("-o", "--output", type=Path, help="default: RUN/model.lowbit, .onnx or .gguf")
+    p.add_argument("--format", choices=("lowbit", "onnx", "gguf"), default="lowbit")
     p.add_argument(
         "--ternary-layout",
         choices=("5trit", "2bit"),
         default="5trit",
         help="ternary packing: 5 trits a byte (1.6 bits) or 2 bits a weight",
+    )
+    p.add_argument("--gguf-ternary", choices=("tq2_0", "tq1_0"), default="tq2_0")
+    p.add_argument(
+        "--gguf-fallback",
+        choices=("f16", "f32"),
+        help="GGUF: store ternary layers TQ blocks cannot hold in this type (default: error)",
+    )
+    p.add_argument(
+        "--float-activations",
+        action="store_true",
+        help="GGUF: accept input quantisers llama.cpp does not reproduce (run them in float)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -68,8 +68,10 @@ def export(
 
         return export_gguf(model, path, **gguf_options)
     if format != "lowbit" or gguf_options:
-        raise ValueError(f"format must be 'lowbit' or 'gguf' (GGUF options need 'gguf'), got "
-                         f"{format!r} with {sorted(gguf_options)}")
+        raise ValueError(
+            f"format must be 'lowbit' or 'gguf' (GGUF options need 'gguf'), got "
+            f"{format!r} with {sorted(gguf_options)}"
+        )
     graph = build_graph(model, example_input, fold_bn=fold_bn)
     if preprocess is not None:
         graph.meta["preprocess"] = dict(preprocess)
