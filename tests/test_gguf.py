@@ -8,9 +8,12 @@ a wrong q/k permutation, name or metadata value.
 
 from __future__ import annotations
 
+import gguf  # the dev extra installs it
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
 
 import lowbit
 from lowbit.export.gguf import (
@@ -21,10 +24,6 @@ from lowbit.export.gguf import (
 from lowbit.export.gguf_format import BLOCK, TQ1_0, TQ2_0, encode_ternary
 from lowbit.export.gguf_model import export_gguf
 from lowbit.models.llama import llama
-
-gguf = pytest.importorskip("gguf")  # the dev extra installs it
-from gguf import GGMLQuantizationType as QT  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
 
 BITNET_A8 = {  # BitNet weights, 8-bit per-token activations without the in-layer norm
     "weights": {"method": "bitnet"},
