@@ -83,9 +83,12 @@ def test_ternary_blocks_equal_gguf_quantize(ggml_type: int, per_row: bool) -> No
     np.testing.assert_array_equal(back, codes * scale.astype(np.float16).astype(np.float32))
 
 
-def test_every_ternary_tensor_is_byte_exact_and_dequantises_to_lowbit(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "recipe", [BITNET_A8, {"weights": {"method": "twn"}, "last_layer": "float"}]
+)
+def test_every_ternary_tensor_is_byte_exact_and_dequantises_to_lowbit(tmp_path, recipe) -> None:
     model = small_llama()
-    lowbit.quantize(model, BITNET_A8)
+    lowbit.quantize(model, recipe)
     path = export_gguf(model, tmp_path / "m.gguf")
     found = tensors(read(path))
     n_ternary = 0
@@ -336,6 +339,11 @@ def test_per_row_scales_fit_blocks_exactly(tmp_path) -> None:
     )
     with pytest.raises(GGUFExportError, match="per tensor or per row"):
         write_llama_gguf(tmp_path / "c.gguf", cfg, weights)
+    weights["model.layers.0.self_attn.q_proj.weight"] = dict(
+        weights["model.layers.0.self_attn.q_proj.weight"], axis=0, scale=scale * 1e-3
+    )
+    with pytest.raises(GGUFExportError, match=r"q_proj: .*normal fp16 range"):
+        write_llama_gguf(tmp_path / "d.gguf", cfg, weights)
 
 
 @pytest.mark.slow  # trains a run (about 20 s on 2 loaded cores)

@@ -62,6 +62,7 @@ TERNARY_TYPES = {"tq2_0": TQ2_0, "tq1_0": TQ1_0}
 FLOAT_TYPES = {"f16": F16, "f32": F32}
 VOCAB_SIZE = 256
 FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0**-14
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.weight$")
 _NORM = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
@@ -180,8 +181,8 @@ def _block_scales(entry: WeightEntry, rows: int, cols: int) -> np.ndarray | str:
         return f"its scale has shape {scale.shape}; TQ blocks need one per tensor or per row"
     if not np.all(np.isfinite(scale)) or np.any(scale < 0):
         return "its scale is negative or not finite"
-    if np.any(scale > FP16_MAX) or np.any((scale > 0) & (scale.astype(np.float16) == 0)):
-        return "its scale is outside the fp16 range of a TQ block scale"
+    if np.any(scale > FP16_MAX) or np.any((scale > 0) & (scale < FP16_MIN_NORMAL)):
+        return "its scale is outside the normal fp16 range of a TQ block scale"
     return np.repeat(scale, cols // BLOCK, axis=1)
 
 
