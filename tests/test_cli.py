@@ -45,7 +45,7 @@ def write_experiment(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model_name", list_models())
+@pytest.mark.parametrize("model_name", list_models("image"))
 def test_every_model_runs_under_every_method(model_name: str) -> None:
     in_shape = (3, 32, 32) if model_name.startswith(("resnet", "vgg")) else (1, 28, 28)
     for method in lowbit.methods():

@@ -72,7 +72,7 @@ def test_each_method_trains(method: str, digits_batch) -> None:
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, (method, losses[:5], losses[-5:])
     after = learned_params(model)
-    expected = {"ttq": 6, "lsq": 6, "pact": 3}.get(method, 0)
+    expected = {"ttq": 6, "lsq": 6, "pact": 3, "absmax": 3}.get(method, 0)
     assert len(before) == expected, (method, sorted(before))
     for name, value in before.items():
         assert not torch.equal(value, after[name]), f"{method}: {name} did not move"

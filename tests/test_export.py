@@ -43,6 +43,9 @@ from lowbit.runtime import Graph, Model, Node, graph_from_bytes, load, load_grap
 from lowbit.train.checkpoint import save_checkpoint
 
 IN_SHAPE = (1, 16, 16)
+# Per-token activation scales (BitNet, absmax) have no runtime/ONNX form yet (issue 14); their
+# export is a clear error (tests/test_lm_transformer.py).
+EXPORTABLE = [m for m in lowbit.methods() if m not in ("absmax", "bitnet")]
 
 
 class SmallNet(nn.Module):
@@ -143,7 +146,7 @@ def weighted_modules(model: nn.Module, graph: Graph) -> list[tuple[Node, nn.Modu
 
 
 # ----------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_round_trip_stores_codes_not_latent_weights(method: str, tmp_path: Path) -> None:
     model = quantized_net(method)
     path = export(model, tmp_path / "m.lowbit", example_input=IN_SHAPE)
@@ -311,11 +314,11 @@ def test_spec_and_codes_round_trip(scheme, bits, out, k, per_channel, asymmetric
 
 # ----------------------------------------------------------------------------- coverage
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(list_models())))
+@pytest.mark.parametrize("index", range(len(list_models("image"))))
 def test_every_registry_model_exports(index: int, tmp_path: Path) -> None:
     """Each registry model, with a different method each (all methods are covered)."""
-    name = list_models()[index]
-    method = lowbit.methods()[index % len(lowbit.methods())]
+    name = list_models("image")[index]
+    method = EXPORTABLE[index % len(EXPORTABLE)]
     shape = (1, 28, 28) if name in ("lenet5", "mlp") else (3, 32, 32)
     model = calibrate(lowbit.quantize(create_model(name, 10, shape, seed=0), method), shape)
     path = export(model, tmp_path / f"{name}.lowbit", example_input=shape)

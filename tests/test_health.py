@@ -140,7 +140,7 @@ def test_callback_is_quiet_on_a_healthy_model(digits, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", lowbit.methods())
-@pytest.mark.parametrize("model_name", list_models())
+@pytest.mark.parametrize("model_name", list_models("image"))
 def test_default_recipes_stay_healthy_on_every_model(model_name: str, method: str, digits) -> None:
     """A few training steps of each method's default recipe leave no dead layer and no
     collapsed activation. BatchNorm uses a cumulative average (momentum None) so that its

@@ -50,6 +50,9 @@ from lowbit.runtime.integer import compile_integer
 
 FLOAT_ACTIVATIONS = ("binaryconnect", "pow2", "ttq", "twn")
 BINARY_ACTIVATIONS = ("bnn", "xnor")
+# Per-token activation scales (BitNet, absmax) have no runtime/ONNX form yet (issue 14); their
+# export is a clear error (tests/test_lm_transformer.py).
+EXPORTABLE = [m for m in lowbit.methods() if m not in ("absmax", "bitnet")]
 
 
 class SmallCNN(nn.Module):
@@ -99,7 +102,7 @@ INPUTS = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("net", ["smallcnn", "lenet5"])
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_default_recipe_exports_checks_and_agrees(tmp_path: Path, method: str, net: str) -> None:
     model = calibrated(make(net), method)
     path = tmp_path / f"{method}.onnx"

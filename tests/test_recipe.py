@@ -28,8 +28,10 @@ def small_cnn() -> nn.Sequential:
 
 def test_every_registered_method_has_a_default_recipe() -> None:
     assert set(lowbit.methods()) == {
+        "absmax",
         "affine",
         "binaryconnect",
+        "bitnet",
         "bnn",
         "dorefa",
         "lsq",

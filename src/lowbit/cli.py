@@ -6,6 +6,7 @@ lowbit train --resume RUN                                         continue a kil
 lowbit eval RUN [--split test]                                    accuracy of a run's model
 lowbit summary RUN                                                per-layer bits, sparsity, size
 lowbit compare RUN [RUN ...]                                      table across runs
+lowbit generate RUN --prompt TEXT                                 sample text from a language model
 lowbit methods                                                    registered quantisers
 """
 
@@ -88,18 +89,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
+    from .models import model_task
     from .train.experiment import load_data, load_run
+    from .train.lm import lm_metrics, task_loss
     from .train.trainer import evaluate
 
     exp, model, _ = load_run(Path(args.run))
     data = load_data(exp, exp.train.seed)
     loader = DataLoader(getattr(data, args.split), batch_size=args.batch_size)
-    metrics = evaluate(model, loader)
+    text = model_task(exp.model["name"]) == "text"
+    metrics = evaluate(model, loader, task_loss("text" if text else "image"))
     table = Table(title=f"{args.run}: {args.split} split")
     table.add_column("loss", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_row(f"{metrics['loss']:.4f}", f"{metrics['acc']:.2%}")
+    table.add_column("next-token accuracy" if text else "accuracy", justify="right")
+    cells = [f"{metrics['loss']:.4f}", f"{metrics['acc']:.2%}"]
+    if text:  # language models: bits per byte and perplexity
+        table.add_column("bits/byte", justify="right")
+        table.add_column("perplexity", justify="right")
+        lm = lm_metrics(metrics["loss"])
+        cells += [f"{lm['bpb']:.4f}", f"{lm['ppl']:.3f}"]
+    table.add_row(*cells)
     console.print(table)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models import model_task
+    from .train.experiment import load_run
+    from .train.lm import generate
+
+    exp, model, _ = load_run(Path(args.run))
+    if model_task(exp.model["name"]) != "text":
+        raise ValueError(f"{args.run}: model {exp.model['name']!r} is not a language model")
+    text = generate(
+        model,
+        args.prompt,
+        args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    console.print(args.prompt + text, markup=False, highlight=False)
     return 0
 
 
@@ -119,7 +149,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "onnx":
+    if args.format == "gguf":
+        from .export.gguf_model import export_gguf
+        from .train.experiment import load_run
+
+        out = export_gguf(
+            load_run(Path(args.run))[1],
+            args.output or Path(args.run) / "model.gguf",
+            ternary_type=args.gguf_ternary,
+            fallback=args.gguf_fallback,
+            float_activations=args.float_activations,
+        )
+    elif args.format == "onnx":
         from .export.onnx import export_onnx_run
 
         out = export_onnx_run(args.run, args.output or Path(args.run) / "model.onnx")
@@ -236,19 +277,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("generate", help="sample text from a language-model run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("summary", help="per-layer bits, sparsity and size (run or .lowbit)")
     p.add_argument("target", help="a run folder or a .lowbit file")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("export", help="write a run's model as a bit-packed .lowbit or ONNX file")
+    p = sub.add_parser("export", help="write a run's model as a .lowbit, ONNX or GGUF file")
     p.add_argument("run", help="a run folder")
-    p.add_argument("-o", "--output", type=Path, help="default: RUN/model.lowbit or .onnx")
-    p.add_argument("--format", choices=("lowbit", "onnx"), default="lowbit")
+    p.add_argument("-o", "--output", type=Path, help="default: RUN/model.lowbit, .onnx or .gguf")
+    p.add_argument("--format", choices=("lowbit", "onnx", "gguf"), default="lowbit")
     p.add_argument(
         "--ternary-layout",
         choices=("5trit", "2bit"),
         default="5trit",
         help="ternary packing: 5 trits a byte (1.6 bits) or 2 bits a weight",
+    )
+    p.add_argument("--gguf-ternary", choices=("tq2_0", "tq1_0"), default="tq2_0")
+    p.add_argument(
+        "--gguf-fallback",
+        choices=("f16", "f32"),
+        help="GGUF: store ternary layers TQ blocks cannot hold in this type (default: error)",
+    )
+    p.add_argument(
+        "--float-activations",
+        action="store_true",
+        help="GGUF: accept input quantisers llama.cpp does not reproduce (run them in float)",
     )
     p.set_defaults(func=cmd_export)
 

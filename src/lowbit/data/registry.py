@@ -67,7 +67,9 @@ class DatasetSplits:
 
 
 Loader = Callable[[Path, bool], RawSplits]
+TextLoader = Callable[..., DatasetSplits]
 _REGISTRY: dict[str, tuple[Loader, DatasetInfo]] = {}
+_TEXT_REGISTRY: dict[str, TextLoader] = {}
 
 
 def register_dataset(name: str, info: DatasetInfo) -> Callable[[Loader], Loader]:
@@ -82,9 +84,23 @@ def register_dataset(name: str, info: DatasetInfo) -> Callable[[Loader], Loader]
     return deco
 
 
-def list_datasets() -> list[str]:
-    """Registered dataset names, sorted."""
-    return sorted(_REGISTRY)
+def register_text_dataset(name: str) -> Callable[[TextLoader], TextLoader]:
+    """Decorator: ``loader(*, seed, val_fraction, **options) -> DatasetSplits`` becomes the text
+    dataset ``name`` (token windows; see :mod:`lowbit.data.text`)."""
+
+    def deco(loader: TextLoader) -> TextLoader:
+        if name in _REGISTRY or (name in _TEXT_REGISTRY and _TEXT_REGISTRY[name] is not loader):
+            raise ValueError(f"dataset {name!r} is already registered")
+        _TEXT_REGISTRY[name] = loader
+        return loader
+
+    return deco
+
+
+def list_datasets(task: str | None = None) -> list[str]:
+    """Registered dataset names, sorted; only the ``image`` or ``text`` ones if ``task``."""
+    names = {"image": list(_REGISTRY), "text": list(_TEXT_REGISTRY)}
+    return sorted(names[task] if task is not None else [*_REGISTRY, *_TEXT_REGISTRY])
 
 
 def load_dataset(
@@ -95,8 +111,12 @@ def load_dataset(
     seed: int = 0,
     download: bool = False,
     augment: bool | None = None,
+    **text_options: object,
 ) -> DatasetSplits:
     """Load dataset ``name`` with train/val/test splits.
+
+    A text dataset (:mod:`lowbit.data.text`) takes ``val_fraction``, ``seed`` and its own
+    ``text_options`` (``seq_len``, ``path``); the image options are errors for it.
 
     ``val_fraction`` of the official training set (stratified by class, chosen by ``seed``)
     becomes ``val``; ``test`` is the official test set (for the embedded sets, a fixed seeded
@@ -106,9 +126,17 @@ def load_dataset(
     are fetched only with ``download=True``. ``augment`` (default: the dataset's standard
     choice, on for CIFAR-10) applies random crop/flip to ``train`` only, seeded by ``seed``.
     """
-    if name not in _REGISTRY:
+    if name not in _REGISTRY and name not in _TEXT_REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; registered: {', '.join(list_datasets())}")
     _check_arguments(val_fraction, seed, download, augment)
+    if name in _TEXT_REGISTRY:
+        if data_dir is not None or download or augment is not None:
+            raise ValueError(
+                f"text dataset {name!r} takes no data_dir, download or augment (files: data.path)"
+            )
+        return _TEXT_REGISTRY[name](seed=seed, val_fraction=float(val_fraction), **text_options)
+    if text_options:
+        raise ValueError(f"dataset {name!r} has no option {next(iter(text_options))!r}")
     loader, info = _REGISTRY[name]
     root = default_data_dir(name) if data_dir is None else Path(data_dir).expanduser()
     raw = loader(root, download)

@@ -50,6 +50,8 @@ def export(
     ternary_layout: str = "5trit",
     fold_bn: bool = True,
     preprocess: dict[str, Any] | None = None,
+    format: str = "lowbit",
+    **gguf_options: Any,
 ) -> Path:
     """Write ``model`` (quantised by :func:`lowbit.quantize`, or float) as a ``.lowbit`` file.
 
@@ -60,7 +62,19 @@ def export(
     batch tensor or the per-sample input shape, e.g. ``(1, 28, 28)``; ``preprocess``
     (``{"scale", "mean", "std"}``) records how raw pixels become model inputs, for
     ``lowbit run``. Returns the path; the file is written atomically.
+
+    ``format="gguf"`` writes a llama.cpp GGUF file of a LLaMA-family model instead
+    (:func:`lowbit.export.gguf_model.export_gguf`, whose options ``gguf_options`` are).
     """
+    if format == "gguf":
+        from .gguf_model import export_gguf
+
+        return export_gguf(model, path, **gguf_options)
+    if format != "lowbit" or gguf_options:
+        raise ValueError(
+            f"format must be 'lowbit' or 'gguf' (GGUF options need 'gguf'), got "
+            f"{format!r} with {sorted(gguf_options)}"
+        )
     graph = build_graph(model, example_input, fold_bn=fold_bn)
     if preprocess is not None:
         graph.meta["preprocess"] = dict(preprocess)

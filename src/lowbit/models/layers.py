@@ -49,8 +49,13 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
 
     Convs: He et al. (2015) ``kaiming_normal_`` with ``mode='fan_out'`` and the ReLU gain,
     ``W ~ N(0, 2 / (k_h k_w C_out))``. Linear layers: ``W ~ N(0, 0.01^2)``. Biases are zero;
-    BatchNorm starts at ``gamma = 1, beta = 0``.
+    BatchNorm starts at ``gamma = 1, beta = 0``. A model with its own ``init_weights(generator)``
+    method (the LLaMA family) is initialised by it instead.
     """
+    own = getattr(model, "init_weights", None)
+    if callable(own):
+        own(generator)
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(

@@ -19,24 +19,39 @@ from .layers import init_weights
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
+_TASKS: dict[str, str] = {}
+TASKS = ("image", "text")
 _COMMON = ("num_classes", "in_shape")
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator: make ``builder`` the model called ``name`` (names are unique)."""
+def register_model(name: str, task: str = "image") -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator: make ``builder`` the model called ``name`` (names are unique).
+
+    ``task``: ``"image"`` (inputs ``(N, C, H, W)``, class logits) or ``"text"`` (token ids
+    ``(N, T)``, next-token logits ``(N, T, vocab)``; ``num_classes`` is the vocabulary).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
     def deco(builder: ModelBuilder) -> ModelBuilder:
         if name in _REGISTRY and _REGISTRY[name] is not builder:
             raise ValueError(f"model {name!r} is already registered: {_REGISTRY[name]}")
         _REGISTRY[name] = builder
+        _TASKS[name] = task
         return builder
 
     return deco
 
 
-def list_models() -> list[str]:
-    """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Registered model names, sorted; only those of ``task`` (``image``/``text``) if given."""
+    return sorted(n for n in _REGISTRY if task is None or _TASKS[n] == task)
+
+
+def model_task(name: str) -> str:
+    """``"image"`` or ``"text"``: what model ``name`` takes (see :func:`register_model`)."""
+    _lookup(name)
+    return _TASKS[name]
 
 
 def model_options(name: str) -> list[str]:
@@ -83,12 +98,13 @@ def create_model(
     return model
 
 
-def check_in_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
-    """``in_shape`` as a ``(C, H, W)`` tuple of positive ints, else a ValueError naming it."""
+def check_in_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
+    """``in_shape`` as a tuple of positive ints, ``(C, H, W)`` for images or ``(T,)`` (the
+    context length) for token sequences, else a ValueError naming it."""
     shape = tuple(in_shape) if isinstance(in_shape, (tuple, list)) else ()
-    if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
-        raise ValueError(f"in_shape must be (C, H, W) with positive ints, got {in_shape!r}")
-    return shape  # type: ignore[return-value]
+    if len(shape) not in (1, 3) or not all(_is_int(d) and d > 0 for d in shape):
+        raise ValueError(f"in_shape must be (C, H, W) or (T,) with positive ints, got {in_shape!r}")
+    return shape
 
 
 def _is_int(x: object) -> bool:

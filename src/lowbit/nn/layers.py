@@ -131,10 +131,11 @@ class QuantAct(nn.Module):
 
 
 def layer_weight_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The float weight and bias that a layer's weight quantiser sees (folded for ConvBnAct)."""
+    """The float weight and bias that a layer's weight quantiser sees (folded for ConvBnAct;
+    None for a layer without a bias, an embedding included)."""
     if isinstance(module, ConvBnAct):
         return module.folded_weight_bias()
-    return module.weight, module.bias
+    return module.weight, getattr(module, "bias", None)
 
 
 @torch.no_grad()

@@ -1,6 +1,18 @@
 """Quantisers, one module per family, registered under string names (see ``registry``)."""
 
-from . import affine, binary, dorefa, functional, lsq, pact, pow2, stochastic, ternary
+from . import (
+    affine,
+    binary,
+    bitnet,
+    dorefa,
+    functional,
+    granularity,
+    lsq,
+    pact,
+    pow2,
+    stochastic,
+    ternary,
+)
 from .base import Quantizer, QuantSpec, scale_grad
 from .registry import create, get, methods, register, roles_of
 
@@ -9,10 +21,12 @@ __all__ = [
     "Quantizer",
     "affine",
     "binary",
+    "bitnet",
     "create",
     "dorefa",
     "functional",
     "get",
+    "granularity",
     "lsq",
     "methods",
     "pact",

@@ -37,12 +37,13 @@ from torch import nn
 from ..convert import quantize
 from ..data import DatasetSplits, list_datasets, load_dataset
 from ..model_summary import summary
-from ..models import create_model, list_models
+from ..models import create_model, list_models, model_task
 from ..recipe import Recipe, RecipeError, read_mapping
 from .checkpoint import load_checkpoint, model_state
 from .config import TrainConfig
 from .distributed import is_main_process
 from .health import QuantHealthCallback
+from .lm import add_lm_metrics, task_loss
 from .trainer import Trainer
 
 EXPERIMENT_KEYS = (
@@ -56,7 +57,7 @@ EXPERIMENT_KEYS = (
     "quant",
     "train",
 )
-DATA_KEYS = ("name", "data_dir", "val_fraction", "download", "augment")
+DATA_KEYS = ("name", "data_dir", "val_fraction", "download", "augment", "path", "seq_len")
 DEFAULT_EXPERIMENT = "mnist5k-ttq"
 
 
@@ -120,6 +121,12 @@ class Experiment:
         bad = [k for k in data if k not in DATA_KEYS]
         if bad:
             raise ExperimentError(f"unknown key data.{bad[0]}; valid keys: {', '.join(DATA_KEYS)}")
+        task = model_task(model["name"])
+        if (task == "text") != (data["name"] in list_datasets("text")):
+            raise ExperimentError(
+                f"model {model['name']!r} is a {task} model; data.name {data['name']!r} must be "
+                f"a {task} dataset (text: {', '.join(list_datasets('text'))})"
+            )
         quant = None
         if d.get("quant") is None and d.get("pretrain") is not None:
             raise ExperimentError(
@@ -266,6 +273,7 @@ def run_experiment(
             config,
             phase_dir,
             test_set=data.test,
+            loss_fn=task_loss(model_task(exp.model["name"])),
             console=console,
             callbacks=callbacks,
         )
@@ -289,6 +297,8 @@ def run_experiment(
     )
     final = results[phases[-1][0]]["test"]
     results["test_acc"] = final["acc"]
+    if model_task(exp.model["name"]) == "text":
+        add_lm_metrics(results)
     if main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         console.print(results_table([results], title=f"{exp.name}: results"))
@@ -309,18 +319,25 @@ def results_table(rows: list[Mapping[str, Any]], title: str = "lowbit runs") -> 
     ):
         left = col in ("run", "model", "method")
         table.add_column(col, justify="left" if left else "right", overflow="fold")
+    lm = any("test_bpb" in r for r in rows)  # language models: bits per byte too
+    if lm:
+        table.add_column("float test bpb", justify="right")
+        table.add_column("quantised test bpb", justify="right")
     for r in rows:
-        fp = r.get("fp", {}).get("test", {}).get("acc")
-        qat = r.get("qat", {}).get("test", {}).get("acc")
-        table.add_row(
+        fp = r.get("fp", {}).get("test", {})
+        qat = r.get("qat", {}).get("test", {})
+        cells = [
             str(r.get("name", "?")),
             str(r.get("model", "?")),
             str(r.get("method") or "float32"),
-            "-" if fp is None else f"{fp:.2%}",
-            "-" if qat is None else f"{qat:.2%}",
+            "-" if fp.get("acc") is None else f"{fp['acc']:.2%}",
+            "-" if qat.get("acc") is None else f"{qat['acc']:.2%}",
             f"{r['size_bits'] / 8192:.1f}",
             f"{r['compression']:.1f}x",
-        )
+        ]
+        if lm:
+            cells += ["-" if s.get("bpb") is None else f"{s['bpb']:.4f}" for s in (fp, qat)]
+        table.add_row(*cells)
     return table
 
 

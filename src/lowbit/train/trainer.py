@@ -86,10 +86,12 @@ def _batch_stats_tensor(out: Tensor, y: Tensor, loss: Tensor, total: Tensor) -> 
     """``[loss, total, #correct]`` as a float64 tensor on ``out``'s device.
 
     ``#correct`` counts ``argmax(out) == y`` for class logits ``[N, C]`` and integer targets
-    ``[N]``; for any other output it is NaN (accuracy is then reported as NaN).
+    ``[N]``; for next-token logits ``[N, T, V]`` and targets ``[N, T]`` each item counts its
+    share of correct tokens; for any other output it is NaN (accuracy is then reported as NaN).
     """
-    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-        correct = (out.argmax(dim=1) == y).sum().to(torch.float64)
+    if out.dim() in (2, 3) and y.dim() == out.dim() - 1 and not y.is_floating_point():
+        hits = (out.argmax(dim=-1) == y).to(torch.float64)
+        correct = hits.reshape(len(y), -1).mean(dim=1).sum()
     else:
         correct = torch.tensor(math.nan, dtype=torch.float64, device=out.device)
     values = (loss.detach().to(torch.float64), total.detach().to(torch.float64), correct)
