@@ -24,12 +24,11 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
 import lowbit
 from lowbit.data import load_dataset
-from lowbit.export.onnx import export_onnx, export_onnx_run, onnx_agreement
+from lowbit.export.onnx import export_onnx, onnx_agreement
 from lowbit.models import create_model
 from lowbit.models.resnet import BasicBlock
 from lowbit.nn import QuantConv2d, QuantLinear, weight_codes
@@ -222,27 +221,6 @@ def test_trained_affine_lenet5_agrees_on_mnist5k(tmp_path: Path) -> None:
     # ORT's optimiser reorders float sums (and its thread count changes the order), which can move
     # a value sitting on a rounding boundary by one code: allow 2 images in 1000.
     assert r["top1_agreement"] >= 0.998
-
-
-def test_export_onnx_run(tmp_path: Path) -> None:
-    from lowbit.train.experiment import Experiment, run_experiment
-
-    exp = Experiment.from_dict(
-        {
-            "name": "tiny",
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": "mlp", "hidden": [16]},
-            "data": {"name": "digits"},
-            "quant": {"method": "lsq", "bits": 4},
-            "train": {"epochs": 1, "optimizer": "adam", "lr": 0.01, "batch_size": 128},
-        }
-    )
-    run_experiment(exp, tmp_path / "run", console=Console(quiet=True))
-    out = export_onnx_run(tmp_path / "run", tmp_path / "model.onnx")
-    proto = onnx.load(out)
-    assert "QuantizeLinear" in _ops(proto)
-    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 8, 8]
 
 
 def test_export_restores_training_mode_and_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..term import print_table
 from .config import FLOAT32, BenchConfig
 
 CSV_FIELDS = (
@@ -115,7 +116,7 @@ def aggregate(
 
 def bits_label(row: Mapping[str, Any]) -> str:
     """``"w/a"`` bits, ``"32/32"`` for float."""
-    return f"{row['bits_w']}/{row['bits_a']}"
+    return f"{row['bits_w']:g}/{row['bits_a']}"
 
 
 def check_goals(bench: BenchConfig, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -253,8 +254,8 @@ def rich_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
-def print_table(results: Mapping[str, Any], console: Console) -> None:
-    console.print(rich_table(results))
+def show_results(results: Mapping[str, Any], console: Console) -> None:
+    print_table(console, rich_table(results))
     for line in goal_lines(results["goals"]):
         console.print(line, highlight=False)
 

@@ -4,8 +4,8 @@
     model = lowbit.runtime.load("model.lowbit")          # numpy only, no torch
 
 :func:`export` builds the inference graph (:func:`build_graph`) and writes it
-(:func:`write_graph`, format in :mod:`lowbit.runtime.loader`); :func:`export_run` does the same
-for a finished run folder (``lowbit export RUN -o model.lowbit``).
+(:func:`write_graph`, format in :mod:`lowbit.runtime.loader`); a run folder is exported by
+:func:`lowbit.runs.export_run` (``lowbit export RUN -o model.lowbit``).
 
 This package module is itself callable, ``lowbit.export(model, path, ...)`` being
 :func:`export`: the package and the function share the public name ``lowbit.export``.
@@ -32,7 +32,6 @@ __all__ = [
     "code_packing",
     "example_tensor",
     "export",
-    "export_run",
     "graph_to_bytes",
     "spec_to_numpy",
     "write_graph",
@@ -62,35 +61,6 @@ def export(
     if preprocess is not None:
         graph.meta["preprocess"] = dict(preprocess)
     return write_graph(graph, path, ternary_layout=ternary_layout)
-
-
-def export_run(
-    run_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    ternary_layout: str = "5trit",
-) -> Path:
-    """Export the final model of a run folder (``lowbit export RUN -o model.lowbit``).
-
-    The input shape, the recipe and the dataset's normalisation (stored as ``preprocess``,
-    so ``lowbit run`` can classify raw images) come from the run folder.
-    """
-    from ..train.experiment import load_data, load_run
-
-    exp, model, info = load_run(Path(run_dir))
-    test = load_data(exp, exp.train.seed).test
-    preprocess = None
-    if hasattr(test, "scale") and hasattr(test, "mean") and hasattr(test, "std"):
-        preprocess = {
-            "scale": float(test.scale),
-            "mean": [float(v) for v in test.mean.reshape(-1)],
-            "std": [float(v) for v in test.std.reshape(-1)],
-        }
-    graph = build_graph(model, tuple(info["in_shape"]))
-    graph.meta.update(run=str(run_dir), experiment=exp.name, dataset=info.get("dataset"))
-    if preprocess is not None:
-        graph.meta["preprocess"] = preprocess
-    return write_graph(graph, out_path, ternary_layout=ternary_layout)
 
 
 class _CallableModule(types.ModuleType):

@@ -60,7 +60,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..nn import ConvBnAct, QuantAct, QuantConv2d, QuantLinear, layer_weight_bias, weight_codes
 from ..quant.base import Quantizer, QuantSpec
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_run", "onnx_agreement"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "onnx_agreement"]
 
 DEFAULT_OPSET = 21
 """Opset 21 is the first with 4-bit integer types for QuantizeLinear/DequantizeLinear."""
@@ -528,18 +528,3 @@ def onnx_agreement(
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     top1 = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
     return {"max_abs_diff": float(np.abs(got - expected).max()), "top1_agreement": top1}
-
-
-def export_onnx_run(
-    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET
-) -> Path:
-    """Export a run folder's final model (``lowbit export RUN --format onnx -o model.onnx``).
-
-    The example input is a zero batch of the run's input shape. Returns ``out_path``.
-    """
-    from ..train.experiment import load_run
-
-    _, model, info = load_run(Path(run_dir))
-    example = torch.zeros((1, *info["in_shape"]))
-    export_onnx(model, out_path, example, opset=opset)
-    return Path(out_path)
