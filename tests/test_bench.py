@@ -17,15 +17,16 @@ from rich.console import Console
 from torch import nn
 
 from lowbit.bench import BenchConfigError, load_bench, ptq_int8, ptq_uniform, run_accuracy_bench
-from lowbit.bench.accuracy import bits_w_a, check_resumable
+from lowbit.bench.accuracy import check_resumable
 from lowbit.bench.ptq import mse_step
 from lowbit.bench.table import aggregate, check_goals, markdown_table
 from lowbit.bench.timing import median_step_ms
 from lowbit.models import create_model
 from lowbit.quant.affine import AffineActivation
 from lowbit.quant.lsq import LSQ
+from lowbit.runs import load_run
+from lowbit.runs.results import bits_w_a
 from lowbit.train import TrainConfig
-from lowbit.train.experiment import load_run
 
 BENCH_FILE = Path(__file__).resolve().parents[1] / "recipes" / "bench" / "mnist5k.yaml"
 ISSUE_ROWS = {  # the rows issue 6 asks for, with their inner-layer bits w/a

@@ -17,7 +17,8 @@ from lowbit.bench import run_accuracy_bench
 from lowbit.report import write_report
 from lowbit.report.collect import ttq_trajectories
 from lowbit.report.plots import pareto_front
-from lowbit.train.experiment import Experiment, run_experiment
+from lowbit.runs import run_experiment
+from lowbit.train.experiment import Experiment
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_MODEL = {"name": "lenet5", "channels": [4, 8], "hidden": 16}

@@ -24,9 +24,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize": "lowbit.convert",
-    "calibrate": "lowbit.calibrate",
-    "Calibration": "lowbit.calibrate",
-    "check": "lowbit.check",
+    "calibrate": "lowbit.calibration",
+    "Calibration": "lowbit.calibration",
+    "check": "lowbit.preflight",
     "quantizers": "lowbit.convert",
     "regularization": "lowbit.convert",
     "methods": "lowbit.quant",

@@ -200,7 +200,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     folders = _run_folders(args.runs)
     labels = [str(f) if len({p.name for p in folders}) < len(folders) else f.name for f in folders]
-    rows = {label: read_results(f) for label, f in zip(labels, folders, strict=True)}
+    rows = [(label, read_results(f)) for label, f in zip(labels, folders, strict=True)]
     print_table(console, results_table(rows))
     return 0
 

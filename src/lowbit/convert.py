@@ -80,9 +80,7 @@ def float_layers(model: nn.Module) -> dict[str, str]:
             continue
         if any(name.startswith(f"{c}.") for c in (*covered, *found)):
             continue
-        if any(True for _ in m.parameters(recurse=False)) or isinstance(
-            m, nn.MultiheadAttention
-        ):
+        if any(True for _ in m.parameters(recurse=False)) or isinstance(m, nn.MultiheadAttention):
             found[name] = type(m).__name__
     return found
 

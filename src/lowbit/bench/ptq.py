@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..calibrate import activation_quantizers, calibrate
+from ..calibration import activation_quantizers, calibrate
 from ..convert import quantize
 from ..nn import layer_weight_bias
 from ..quant.functional import signed_bounds

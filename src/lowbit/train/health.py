@@ -31,7 +31,7 @@ from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..calibrate import activation_quantizers, recording_inputs
+from ..calibration import activation_quantizers, recording_inputs
 from ..model_summary import weight_zero_counts
 from .distributed import is_main_process
 
