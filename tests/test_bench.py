@@ -28,13 +28,13 @@ from lowbit.runs import load_run
 from lowbit.runs.results import bits_w_a
 from lowbit.train import TrainConfig
 
-BENCH_FILE = Path(__file__).resolve().parents[1] / "recipes" / "bench" / "mnist5k.yaml"
+BENCH_FILE = Path(__file__).resolve().parents[1] / "src" / "lowbit" / "recipes" / "bench" / "mnist5k.yaml"
 ISSUE_ROWS = {  # the rows issue 6 asks for, with their inner-layer bits w/a
     "float32": (32, 32),
     "bnn": (1, 1),
     "xnor": (1, 1),
-    "twn": (2, 32),
-    "ttq": (2, 32),
+    "twn": (1.6, 32),  # ternary as stored: five trits a byte
+    "ttq": (1.6, 32),
     "lsq-2": (2, 2),
     "lsq-3": (3, 3),
     "lsq-4": (4, 4),

@@ -371,3 +371,19 @@ def test_summary_size_is_the_files_bit_width() -> None:
     rows = {r.name: r for r in lowbit.summary(model, show=False).layers}
     ternary = [r for r in rows.values() if r.weight_method == "twn"]
     assert ternary and all(r.weight_bits == pytest.approx(1.6) for r in ternary)
+
+
+def test_summary_and_file_agree_on_weight_bits(tmp_path: Path) -> None:
+    from lowbit.runtime import file_summary
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 10), nn.ReLU(), nn.Linear(10, 3)
+    )
+    lowbit.quantize(model, "twn")
+    path = lowbit.export(model, tmp_path / "m.lowbit", example_input=(64,))
+    in_file = {r["params"]: r["bits"] for r in file_summary(path).rows}
+    for row in lowbit.summary(model, show=False).layers:
+        assert in_file[row.params] == pytest.approx(
+            8 * -(-row.weight_bits * row.params // 8) / row.params
+        )

@@ -2,7 +2,8 @@
 
 Sizes are in bits as the deployment format stores them (:func:`lowbit.packing.stored_bits`, the
 one definition of size: binary 1 bit a weight, ternary 1.6, n-bit codes at the fewest bits that
-hold them) plus scales/zero points in float32; everything else (float layers, biases,
+hold them, each layer's codes padded to whole bytes as in the file) plus scales/zero points in
+float32; everything else (float layers, biases,
 BatchNorm) in float32. The float32 reference counts every parameter and BatchNorm statistic at
 32 bits. Files written by ``export`` are measured in bytes by ``lowbit summary FILE``.
 
@@ -212,7 +213,7 @@ def _layer_row(name: str, module: nn.Module) -> LayerRow:
         act_bits=0 if aq is None else aq.bits,
         params=weight.numel(),
         sparsity=sparsity,
-        size_bits=math.ceil(weight_bits * weight.numel()) + scale_bits + bias_bits,
+        size_bits=8 * math.ceil(weight_bits * weight.numel() / 8 - 1e-9) + scale_bits + bias_bits,
     )
 
 
