@@ -387,3 +387,39 @@ def test_summary_and_file_agree_on_weight_bits(tmp_path: Path) -> None:
         assert in_file[row.params] == pytest.approx(
             8 * -(-row.weight_bits * row.params // 8) / row.params
         )
+
+
+# -- item 10: feedback ---------------------------------------------------------------------
+def test_progress_lines_when_output_is_not_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from lowbit.train.progress import EpochProgress
+
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    assert not console.is_terminal
+    with EpochProgress(console, 1, 2, 4, interval_s=0.0) as progress:
+        for step in range(1, 5):
+            progress.update(step, 0.5, 0.75, 1e-3)
+    lines = out.getvalue().splitlines()
+    assert lines == [f"epoch 1/2  step {s}/4  loss 0.5000  acc 0.7500  lr 0.001" for s in (1, 2, 3)]
+
+
+def test_a_diverging_loss_stops_training(tmp_path: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from lowbit.train import Trainer, TrainingDiverged
+
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    calls = iter(range(10**6))
+
+    def exploding(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # finite, 1e4x per step
+        return nn.functional.cross_entropy(out, y) * 1e4 ** next(calls)
+
+    trainer = Trainer(
+        nn.Linear(4, 2), data, data, {"epochs": 3, "batch_size": 16}, tmp_path, loss_fn=exploding
+    )
+    with pytest.raises(TrainingDiverged, match="over 1e\\+06 times the first"):
+        trainer.fit()
