@@ -21,22 +21,12 @@ import lowbit
 import lowbit.cli
 import lowbit.data
 import lowbit.nn
+from conftest import TINY
 from lowbit.cli import main
 from lowbit.models import create_model, list_models
 from lowbit.runs import final_checkpoint, load_run
 from lowbit.train.checkpoint import load_checkpoint, model_state
 from lowbit.train.experiment import Experiment, ExperimentError
-
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "device": "cpu",
-    "model": {"name": "mlp", "hidden": [32]},
-    "data": {"name": "digits"},
-    "pretrain": {"epochs": 2, "optimizer": "adam", "lr": 0.01, "batch_size": 64},
-    "quant": {"method": "lsq", "bits": 4},
-    "train": {"epochs": 2, "optimizer": "adam", "lr": 0.002, "batch_size": 64},
-}
 
 
 def write_experiment(tmp_path: Path, **changes) -> Path:

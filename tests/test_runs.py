@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 import lowbit
+from conftest import TINY as SHARED
 from lowbit.bench.config import bench_names, load_bench
 from lowbit.convert import PartialQuantizationWarning
 from lowbit.models import create_model
@@ -27,15 +28,10 @@ from lowbit.runs import export_run, load_run, read_results
 from lowbit.runtime import load
 from lowbit.yamlio import load_yaml
 
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "device": "cpu",
-    "model": {"name": "mlp", "hidden": [16]},
-    "data": {"name": "digits"},
-    "pretrain": {"epochs": 1, "optimizer": "adam", "lr": 0.01, "batch_size": 128},
-    "quant": {"method": "lsq", "bits": 4},
-    "train": {"epochs": 1, "optimizer": "adam", "lr": 0.002, "batch_size": 128},
+TINY = {  # one epoch a phase is enough here
+    **SHARED,
+    "pretrain": {**SHARED["pretrain"], "epochs": 1},
+    "train": {**SHARED["train"], "epochs": 1},
 }
 SRC = str(Path(lowbit.__file__).parents[1])
 

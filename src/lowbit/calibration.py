@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from types import TracebackType
 
 import torch
 from torch import Tensor, nn
@@ -71,31 +70,20 @@ class Calibration:
         self.model = model
         self.quantizers = activation_quantizers(model)
         self._record = record
-        self._stack: list[contextlib.AbstractContextManager] = []
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> nn.Module:
         self.model.eval()
         for q in self.quantizers.values():
             q.train()
-        grad = torch.no_grad()
-        grad.__enter__()
-        self._stack = [grad]
+        self._stack.callback(self.model.eval)
+        self._stack.enter_context(torch.no_grad())
         if self._record is not None:
-            hooks = recording_inputs(self.quantizers, self._record)
-            hooks.__enter__()
-            self._stack.append(hooks)
+            self._stack.enter_context(recording_inputs(self.quantizers, self._record))
         return self.model
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        err: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for context in reversed(self._stack):
-            context.__exit__(kind, err, tb)
-        self._stack = []
-        self.model.eval()
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
 def calibrate(

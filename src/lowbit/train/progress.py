@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 from rich.console import Console
@@ -53,13 +52,8 @@ class EpochProgress:
         self._bar.__enter__()
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        err: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bar.__exit__(kind, err, tb)
+    def __exit__(self, *exc: Any) -> None:
+        self._bar.__exit__(*exc)
 
     def update(self, step: int, loss: float, acc: float, lr: float) -> None:
         """After step ``step`` (1-based) with the running loss and accuracy."""
