@@ -238,6 +238,16 @@ def goal_lines(goals: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def budget_text(budget: Mapping[str, int]) -> str:
+    """The training budget in words: shared float32 pre-training, or every row from scratch."""
+    if not budget["pretrain_epochs"]:
+        return f"every row trains {budget['train_epochs']} epochs from scratch"
+    return (
+        f"per seed {budget['pretrain_epochs']} float32 epochs, then {budget['train_epochs']} "
+        "fine-tune epochs for every row from that checkpoint"
+    )
+
+
 def rich_table(results: Mapping[str, Any]) -> Table:
     rows = results["rows"]
     title = f"lowbit bench accuracy: {results['bench']}" + (" (quick)" if results["quick"] else "")
@@ -248,8 +258,7 @@ def rich_table(results: Mapping[str, Any]) -> Table:
         table.add_row(*cells)
     table.caption = (
         f"mean ± std over {results['seeds']} seed(s); top-1 on the test split; "
-        f"{results['budget']['pretrain_epochs']} float epochs + "
-        f"{results['budget']['train_epochs']} fine-tune epochs per row"
+        f"{budget_text(results['budget'])}"
     )
     return table
 

@@ -14,7 +14,7 @@ import torch
 
 from ..bench.config import FLOAT32, BenchConfig, BenchConfigError, bench_names, load_bench
 from ..bench.machine import describe
-from ..bench.table import goal_lines, markdown_table
+from ..bench.table import budget_text, goal_lines, markdown_table
 from ..data import load_dataset
 from ..runs.folder import load_run
 from .collect import layer_sparsity
@@ -63,10 +63,10 @@ def setup_lines(results: Mapping[str, Any]) -> list[str]:
         f"- Time: {time_line(results['compute_time_s'], results['session_time_s'])}.",
         f"- {results['description']}.",
         f"- Model `{results['model']['name']}`, data `{results['data']['name']}`; "
-        f"{results['seeds']} seed(s); per seed {budget['pretrain_epochs']} float32 epochs, then "
-        f"{budget['train_epochs']} fine-tune epochs for every row from that checkpoint "
-        "(post-training rows: calibration only). The epoch kept is the best on the validation "
-        "split carved from the training set; the test split is only evaluated." + busy,
+        f"{results['seeds']} seed(s); {budget_text(budget)} "
+        "(post-training rows: calibration of the float32 row only). The epoch kept is the best "
+        "on the validation split carved from the training set; the test split is only "
+        "evaluated." + busy,
     ]
 
 
