@@ -114,7 +114,7 @@ def test_bench_report_with_table_goals_and_plots(tmp_path: Path) -> None:
     assert all(p.parent == tmp_path / "docs" / "img" for p in images)
     text = report.read_text()
     head = text.splitlines()[:6]
-    assert any(line.strip().startswith("lowbit bench accuracy --dataset tiny") for line in head)
+    assert any(line.strip().startswith("lowbit bench accuracy --suite tiny") for line in head)
     assert "lowbit report" in " ".join(head)
     for method in bench["methods"]:
         assert f"| {method} |" in text
