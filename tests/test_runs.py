@@ -419,3 +419,20 @@ def test_a_diverging_loss_stops_training(tmp_path: Path) -> None:
     )
     with pytest.raises(TrainingDiverged, match="over 1e\\+06 times the first"):
         trainer.fit()
+
+
+def test_speed_benches_take_quick_and_get_their_own_options(monkeypatch) -> None:
+    import lowbit.bench.kernels
+    import lowbit.bench.models
+    from lowbit.cli import main
+
+    seen: dict[str, list[str]] = {}
+    for module in (lowbit.bench.kernels, lowbit.bench.models):
+        name = module.__name__.rsplit(".", 1)[1]
+        monkeypatch.setattr(module, "main", lambda argv, n=name: seen.setdefault(n, argv))
+    assert main(["bench", "kernels", "--quick", "--rounds", "1"]) == 0
+    assert main(["bench", "models", "--threads", "1", "--smoke"]) == 0
+    assert seen == {
+        "kernels": ["--rounds", "1", "--smoke"],
+        "models": ["--threads", "1", "--smoke"],
+    }
