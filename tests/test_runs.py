@@ -164,13 +164,24 @@ def test_bench_quick_from_an_installed_copy(tmp_path: Path) -> None:
 
 
 # -- item 2: --resume applies nothing silently ----------------------------------------------
-def test_resume_refuses_changes_and_experiment_files(trained: Path, tmp_path: Path) -> None:
-    before = (trained / "experiment.yaml").read_text()
-    proc = lowbit_cli("train", "--resume", str(trained), "--set", "train.epochs=3")
-    one_error_line(proc, "--resume cannot change a run")
-    proc = lowbit_cli("train", str(write_experiment(tmp_path)), "--resume", str(trained))
+def test_resume_applies_more_epochs_and_refuses_other_changes(
+    trained: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "experiment.yaml").read_text()
+    proc = lowbit_cli("train", "--resume", str(run), "--set", "train.lr=5e-4")
+    one_error_line(proc, "--resume can change only epochs and device")
+    proc = lowbit_cli("train", str(write_experiment(tmp_path)), "--resume", str(run))
     one_error_line(proc, "cannot be given with it")
-    assert (trained / "experiment.yaml").read_text() == before  # records what ran
+    proc = lowbit_cli("train", "--resume", str(run), "--set", "pretrain.epochs=0")
+    assert proc.returncode == 2
+    assert (run / "experiment.yaml").read_text() == before  # records what ran
+    proc = lowbit_cli("train", "--resume", str(run), "--set", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load((run / "experiment.yaml").read_text())["train"]["epochs"] == 2
+    assert read_results(run)["qat"]["epochs"] == 2  # the finished run trained one more epoch
+    assert "fp: finished earlier" in proc.stdout
 
 
 # -- item 3: YAML 1.2 floats -----------------------------------------------------------------

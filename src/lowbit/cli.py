@@ -2,7 +2,7 @@
 
 lowbit train [EXPERIMENT] [--run-dir DIR] [--device D] [--set key=value ...]
                                                                   train (FP, then QAT)
-lowbit train --resume RUN [--device D]                            continue a killed run
+lowbit train --resume RUN [--device D] [--set train.epochs=N]      continue a run
 lowbit eval RUN [--split test]                                    accuracy of a run's model
 lowbit summary RUN|FILE                                           per-layer bits, sparsity, size
 lowbit compare RUN [RUN ...]                                      table across runs
@@ -71,9 +71,23 @@ def _device_assignments(exp: Any, device: str | None) -> list[str]:
     return [f"{phase}.device={device}" for phase in phases]
 
 
+RESUMABLE_KEYS = ("epochs", "device")
+"""What ``--resume`` may change: a phase's epoch count (it trains on to the new count) and the
+device; anything else would make the run differ from what its experiment.yaml records."""
+
+
+def _without(raw: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    phases = {
+        p: {k: v for k, v in raw[p].items() if k not in keys}
+        for p in ("train", "pretrain")
+        if raw.get(p) is not None
+    }
+    return {**raw, **phases}
+
+
 def _resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path]:
-    """The run to continue: its recorded experiment, refusing anything that would change it
-    (an experiment file, a --set that changes a value); --device may move it."""
+    """The run to continue: its recorded experiment with the changes --resume applies (more
+    epochs, another device); an experiment file or any other change is refused."""
     from .runs.folder import read_run
 
     run_dir = Path(args.resume)
@@ -83,13 +97,20 @@ def _resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path]:
             f" an experiment file ({args.experiment}) cannot be given with it"
         )
     exp, _ = read_run(run_dir)
-    changed = _overridden(exp, list(args.set or []))
-    if changed.to_dict() != exp.to_dict():
+    changed = _overridden(exp, [*(args.set or []), *_device_assignments(exp, args.device)])
+    old, new = exp.to_dict(), changed.to_dict()
+    if _without(old, RESUMABLE_KEYS) != _without(new, RESUMABLE_KEYS):
         raise ValueError(
-            f"--resume cannot change a run (--set {' --set '.join(args.set)} changes what "
-            f"{run_dir} was trained with); start a new run with --run-dir, or resume as is"
+            f"--resume can change only {' and '.join(RESUMABLE_KEYS)} (--set "
+            f"{' --set '.join(args.set or [])} changes what {run_dir} was trained with); "
+            "start a new run with --run-dir instead"
         )
-    return _overridden(exp, _device_assignments(exp, args.device)), run_dir
+    for phase in ("pretrain", "train"):
+        if old.get(phase) and new[phase]["epochs"] < old[phase]["epochs"]:
+            raise ValueError(
+                f"--resume cannot shorten a run: {phase}.epochs was {old[phase]['epochs']}"
+            )
+    return changed, run_dir
 
 
 def _new_run_folder(args: argparse.Namespace, name: str) -> Path:
