@@ -447,3 +447,12 @@ def test_speed_benches_take_quick_and_get_their_own_options(monkeypatch) -> None
         "kernels": ["--rounds", "1", "--smoke"],
         "models": ["--threads", "1", "--smoke"],
     }
+
+
+def test_export_run_writes_onnx_with_the_runs_input_shape(trained: Path, tmp_path: Path) -> None:
+    import onnx
+
+    out = export_run(trained, tmp_path / "m.onnx", format="onnx")
+    proto = onnx.load(out)
+    assert "QuantizeLinear" in {n.op_type for n in proto.graph.node}
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 8, 8]
