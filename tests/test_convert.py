@@ -131,13 +131,14 @@ def test_summary_sizes_by_hand() -> None:
     model = nn.Sequential(nn.Linear(10, 4), nn.ReLU(), nn.Linear(4, 2))
     lowbit.quantize(model, {"weights": {"method": "twn"}})
     result = lowbit.summary(model, show=False)
-    # TWN: 2-bit codes + one float alpha per layer; biases stay float32.
-    assert result.size_bits == (40 * 2 + 32 + 4 * 32) + (8 * 2 + 32 + 2 * 32)
+    # TWN: ternary codes at 1.6 bits (five a byte, whole bytes per layer, as the .lowbit file
+    # stores them) + one float alpha per layer; biases stay float32.
+    assert result.size_bits == (8 * 8 + 32 + 4 * 32) + (8 * 2 + 32 + 2 * 32)
     assert result.float32_bits == (40 + 4 + 8 + 2) * 32
     w = model[0].weight.detach()
     delta = 0.7 * w.abs().mean()
     assert result.layers[0].sparsity == pytest.approx(float((w.abs() <= delta).float().mean()))
-    assert [r.weight_bits for r in result.layers] == [2, 2]
+    assert [r.weight_bits for r in result.layers] == [pytest.approx(1.6)] * 2
 
 
 def test_summary_counts_float_layers_and_batchnorm() -> None:

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,7 +30,6 @@ from lowbit.export import (
     build_graph,
     build_graph_with_values,
     export,
-    export_run,
     graph_to_bytes,
     write_graph,
 )
@@ -483,38 +481,3 @@ def test_disk_refusals_are_one_line_errors_leaving_nothing(
 def test_package_is_callable(tmp_path: Path) -> None:
     path = lowbit.export(quantized_net("twn"), tmp_path / "c.lowbit", example_input=IN_SHAPE)
     assert load(path).num_classes == 10
-
-
-def test_export_run_folder(tmp_path: Path) -> None:
-    """``lowbit export RUN``: rebuilds the run's model, records the dataset normalisation."""
-    from lowbit.train.experiment import Experiment, load_run
-
-    exp = Experiment.from_dict(
-        {
-            "name": "tiny",
-            "model": {"name": "lenet5", "channels": [4, 8], "hidden": 16},
-            "data": {"name": "digits"},
-            "quant": "twn",
-            "train": {"epochs": 1},
-        }
-    )
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict()))
-    (run / "run.json").write_text(
-        json.dumps({"num_classes": 10, "in_shape": [1, 8, 8], "dataset": "digits"})
-    )
-    model = create_model("lenet5", 10, (1, 8, 8), seed=3, channels=[4, 8], hidden=16)
-    lowbit.quantize(model, "twn")
-    calibrate(model, (1, 8, 8))
-    state = {f"model/{k}": v for k, v in model.state_dict().items()}
-    save_checkpoint(run / "qat" / "checkpoints" / "last", state, {})
-    path = export_run(run, tmp_path / "run.lowbit")
-    runtime = load(path)
-    pre = runtime.meta["preprocess"]
-    assert pre["scale"] == pytest.approx(1 / 16) and len(pre["mean"]) == 1
-    _, rebuilt, _ = load_run(run)
-    x = batch(4, (1, 8, 8))
-    with torch.no_grad():
-        ref = rebuilt(x).numpy()
-    np.testing.assert_allclose(runtime(x.numpy()), ref, rtol=1e-5, atol=1e-5)

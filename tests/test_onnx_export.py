@@ -28,19 +28,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
 import lowbit
 from lowbit.data import load_dataset
 from lowbit.export import build_graph, write_graph
-from lowbit.export.onnx import (
-    PREPROCESS_KEY,
-    export_onnx,
-    export_onnx_run,
-    onnx_agreement,
-    write_onnx,
-)
+from lowbit.export.onnx import PREPROCESS_KEY, export_onnx, onnx_agreement, write_onnx
 from lowbit.export.ort_saturation import saturation_risks
 from lowbit.models import create_model
 from lowbit.models.resnet import BasicBlock
@@ -261,29 +254,6 @@ def test_trained_lenet5_agrees_on_mnist5k_in_default_session(tmp_path: Path, met
     assert r["max_abs_diff"] <= 0.01 * span
     assert np.array_equal(engine.argmax(1), fq.argmax(1))
     assert np.abs(engine - fq).max() <= 0.01 * span and close >= 0.99
-
-
-def test_export_onnx_run(tmp_path: Path) -> None:
-    from lowbit.train.experiment import Experiment, run_experiment
-
-    exp = Experiment.from_dict(
-        {
-            "name": "tiny",
-            "seed": 0,
-            "device": "cpu",
-            "model": {"name": "mlp", "hidden": [16]},
-            "data": {"name": "digits"},
-            "quant": {"method": "lsq", "bits": 4},
-            "train": {"epochs": 1, "optimizer": "adam", "lr": 0.01, "batch_size": 128},
-        }
-    )
-    run_experiment(exp, tmp_path / "run", console=Console(quiet=True))
-    out = export_onnx_run(tmp_path / "run", tmp_path / "model.onnx")
-    proto = onnx.load(out)
-    assert "QuantizeLinear" in _ops(proto)
-    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 8, 8]
-    pre = json.loads({p.key: p.value for p in proto.metadata_props}[PREPROCESS_KEY])
-    assert set(pre) == {"scale", "mean", "std"} and len(pre["mean"]) == len(pre["std"]) == 1
 
 
 def test_export_restores_training_mode_and_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from lowbit.bench import run_accuracy_bench
 from lowbit.report import write_report
 from lowbit.report.collect import ttq_trajectories
 from lowbit.report.plots import pareto_front
-from lowbit.train.experiment import Experiment, run_experiment
+from lowbit.runs import run_experiment
+from lowbit.train.experiment import Experiment
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_MODEL = {"name": "lenet5", "channels": [4, 8], "hidden": 16}
@@ -113,7 +114,7 @@ def test_bench_report_with_table_goals_and_plots(tmp_path: Path) -> None:
     assert all(p.parent == tmp_path / "docs" / "img" for p in images)
     text = report.read_text()
     head = text.splitlines()[:6]
-    assert any(line.strip().startswith("lowbit bench accuracy --dataset tiny") for line in head)
+    assert any(line.strip().startswith("lowbit bench accuracy --suite tiny") for line in head)
     assert "lowbit report" in " ".join(head)
     for method in bench["methods"]:
         assert f"| {method} |" in text

@@ -21,6 +21,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lowbit.quant.base import Quantizer
 from lowbit.train import CheckpointError, TrainConfig, Trainer, TrainingDiverged, load_checkpoint
 from lowbit.train.optim import build_optimizer, build_scheduler
 
@@ -101,9 +102,13 @@ def test_amp_without_cuda_is_refused() -> None:
 # -- tiny problems ------------------------------------------------------------------------------
 
 
-class Clip(nn.Module):
-    """PACT-like ``min(relu(x), alpha)`` with an L2 ``regularization()`` on alpha, plus a 0-d
-    ``wp`` buffer-free scale so that several scale names are exercised."""
+class Clip(Quantizer):
+    """A PACT-like quantiser module ``min(relu(x), alpha)`` with an L2 ``regularization()`` on
+    alpha, plus a second 0-d scale ``wp``: the trainer finds both by ownership (a Quantizer)."""
+
+    method = "clip"
+    role = "activation"
+    bits = 32
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,8 +210,12 @@ def test_quantizer_scales_get_no_weight_decay() -> None:
     assert len(decay) == len(list(model.parameters()))
 
 
-class Penalised(nn.Module):
+class Penalised(Quantizer):
     """``alpha`` appears only in ``regularization() = lam/2 * alpha^2`` (PACT's L2)."""
+
+    method = "penalised"
+    role = "activation"
+    bits = 32
 
     def __init__(self, lam: float) -> None:
         super().__init__()
@@ -372,14 +381,29 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
         trainer.fit(resume=True)
 
 
-def test_resume_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
-    data = teacher_data(16)
-    Trainer(make_model(), data, data, config(epochs=1), tmp_path, console=quiet()).fit()
-    payload = tmp_path / "checkpoints" / "last.safetensors"
+def corrupt(payload: Path) -> None:
     data_bytes = payload.read_bytes()
     payload.write_bytes(data_bytes[:-1] + bytes([data_bytes[-1] ^ 1]))
+
+
+def test_resume_falls_back_to_the_newest_consistent_checkpoint(tmp_path: Path) -> None:
+    data = teacher_data(16)
+    Trainer(make_model(), data, data, config(epochs=1), tmp_path, console=quiet()).fit()
+    corrupt(tmp_path / "checkpoints" / "last.safetensors")
+    console = quiet()
+    trainer = Trainer(make_model(), data, data, config(epochs=2), tmp_path, console=console)
+    assert trainer.fit(resume=True)["epochs"] == 2  # from best (epoch 1), said so
+    said = " ".join(console.file.getvalue().split())
+    assert "checkpoint last is unusable" in said and "resuming from best (epoch 1)" in said
+
+
+def test_resume_refuses_when_every_checkpoint_is_corrupt(tmp_path: Path) -> None:
+    data = teacher_data(16)
+    Trainer(make_model(), data, data, config(epochs=1), tmp_path, console=quiet()).fit()
+    for name in ("last", "best"):
+        corrupt(tmp_path / "checkpoints" / f"{name}.safetensors")
     trainer = Trainer(make_model(), data, data, config(epochs=2), tmp_path, console=quiet())
-    with pytest.raises(CheckpointError, match=r"last\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"last\.safetensors.*best\.safetensors"):
         trainer.fit(resume=True)
 
 

@@ -4,6 +4,8 @@ The public API::
 
     import lowbit
     model = lowbit.quantize(model, "ttq")      # or a dict, a YAML/TOML path, a Recipe
+    lowbit.check(model, "ttq", example_input=(1, 28, 28))  # layers left float, exportability
+    lowbit.calibrate(model, batches)            # set data-driven quantiser state, no training
     lowbit.summary(model)                       # per-layer bits, sparsity, size vs float32
     lowbit.methods()                            # registered quantiser names
     lowbit.export(model, "model.lowbit", example_input=(1, 28, 28))   # bit-packed file
@@ -22,6 +24,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize": "lowbit.convert",
+    "calibrate": "lowbit.calibration",
+    "Calibration": "lowbit.calibration",
+    "check": "lowbit.preflight",
     "quantizers": "lowbit.convert",
     "regularization": "lowbit.convert",
     "methods": "lowbit.quant",

@@ -2,27 +2,33 @@
 
 lowbit train [EXPERIMENT] [--run-dir DIR] [--device D] [--set key=value ...]
                                                                   train (FP, then QAT)
-lowbit train --resume RUN                                         continue a killed run
+lowbit train --resume RUN [--device D] [--set train.epochs=N]      continue a run
 lowbit eval RUN [--split test]                                    accuracy of a run's model
-lowbit summary RUN                                                per-layer bits, sparsity, size
+lowbit summary RUN|FILE                                           per-layer bits, sparsity, size
 lowbit compare RUN [RUN ...]                                      table across runs
 lowbit generate RUN --prompt TEXT                                 sample text from a language model
+lowbit bench accuracy|kernels|models [--quick] ...                benchmarks
 lowbit methods                                                    registered quantisers
+
+Every command imports what it needs only once the command line is parsed (``lowbit --help``
+and ``lowbit run`` load no torch). Errors a user can fix are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
+
+from .term import print_table
+from .yamlio import load_yaml
 
 console = Console()
 err_console = Console(stderr=True)
@@ -44,38 +50,98 @@ def _set_override(config: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ValueError(f"--set {key}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = load_yaml(raw)
+
+
+def _overridden(exp: Any, assignments: Sequence[str]) -> Any:
+    """``exp`` with the ``--set``/``--device`` assignments applied (validated again)."""
+    from .train.experiment import Experiment
+
+    if not assignments:
+        return exp
+    raw = exp.to_dict()
+    for assignment in assignments:
+        _set_override(raw, assignment)
+    return Experiment.from_dict(raw)
+
+
+def _device_assignments(exp: Any, device: str | None) -> list[str]:
+    if not device:
+        return []
+    phases = ("train", "pretrain") if exp.pretrain is not None else ("train",)
+    return [f"{phase}.device={device}" for phase in phases]
+
+
+RESUMABLE_KEYS = ("epochs", "device")
+"""What ``--resume`` may change: a phase's epoch count (it trains on to the new count) and the
+device; anything else would make the run differ from what its experiment.yaml records."""
+
+
+def _without(raw: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    phases = {
+        p: {k: v for k, v in raw[p].items() if k not in keys}
+        for p in ("train", "pretrain")
+        if raw.get(p) is not None
+    }
+    return {**raw, **phases}
+
+
+def _resumed_experiment(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The run to continue: its recorded experiment with the changes --resume applies (more
+    epochs, another device); an experiment file or any other change is refused."""
+    from .runs.folder import read_run
+
+    run_dir = Path(args.resume)
+    if args.experiment is not None:
+        raise ValueError(
+            f"--resume {run_dir} continues the experiment recorded in {run_dir}/experiment.yaml;"
+            f" an experiment file ({args.experiment}) cannot be given with it"
+        )
+    exp, _ = read_run(run_dir)
+    changed = _overridden(exp, [*(args.set or []), *_device_assignments(exp, args.device)])
+    old, new = exp.to_dict(), changed.to_dict()
+    if _without(old, RESUMABLE_KEYS) != _without(new, RESUMABLE_KEYS):
+        raise ValueError(
+            f"--resume can change only {' and '.join(RESUMABLE_KEYS)} (--set "
+            f"{' --set '.join(args.set or [])} changes what {run_dir} was trained with); "
+            "start a new run with --run-dir instead"
+        )
+    for phase in ("pretrain", "train"):
+        if old.get(phase) and new[phase]["epochs"] < old[phase]["epochs"]:
+            raise ValueError(
+                f"--resume cannot shorten a run: {phase}.epochs was {old[phase]['epochs']}"
+            )
+    return changed, run_dir
+
+
+def _new_run_folder(args: argparse.Namespace, name: str) -> Path:
+    """The folder of a new run; an existing one is refused unless only a run that never got
+    to train left it (its experiment.yaml and run.json), which is reused."""
+    from .runs.folder import RUN_FILES
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{name}-{stamp}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run-dir {run_dir} is a file, not a folder")
+    if run_dir.exists() and any(p.name not in RUN_FILES for p in run_dir.iterdir()):
+        raise ValueError(
+            f"run folder {run_dir} already exists; use --resume {run_dir} "
+            f"to continue it or choose another --run-dir"
+        )
+    return run_dir
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .runs import run_experiment
     from .train import distributed
-    from .train.experiment import Experiment, run_experiment
+    from .train.experiment import Experiment
 
     if args.resume:
-        run_dir = Path(args.resume)
-        source: Any = run_dir / "experiment.yaml"
-        if not Path(source).is_file():
-            raise ValueError(f"--resume {run_dir}: not a lowbit run folder (no experiment.yaml)")
+        exp, run_dir = _resumed_experiment(args)
     else:
-        source = args.experiment
-    exp = Experiment.load(source)
-    assignments = list(args.set or [])
-    if args.device:
-        phases = ("train", "pretrain") if exp.pretrain is not None else ("train",)
-        assignments += [f"{phase}.device={args.device}" for phase in phases]
-    if assignments:
-        raw = exp.to_dict()
-        for assignment in assignments:
-            _set_override(raw, assignment)
-        exp = Experiment.from_dict(raw)
-    if not args.resume:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{exp.name}-{stamp}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ValueError(
-                f"run folder {run_dir} already exists; use --resume {run_dir} "
-                f"to continue it or choose another --run-dir"
-            )
+        exp = Experiment.load(args.experiment)
+        exp = _overridden(exp, [*(args.set or []), *_device_assignments(exp, args.device)])
+        run_dir = _new_run_folder(args, exp.name)
     # under torchrun: join the ranks; all have read the recipe and checked the folder before
     # rank 0 writes to it, and only rank 0 prints
     distributed.setup(exp.train.resolve_device())
@@ -90,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from .models import model_task
-    from .train.experiment import load_data, load_run
+    from .runs import load_run
+    from .train.experiment import load_data
     from .train.lm import lm_metrics, task_loss
     from .train.trainer import evaluate
 
@@ -109,13 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lm = lm_metrics(metrics["loss"])
         cells += [f"{lm['bpb']:.4f}", f"{lm['ppl']:.3f}"]
     table.add_row(*cells)
-    console.print(table)
+    print_table(console, table)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .models import model_task
-    from .train.experiment import load_run
+    from .runs import load_run
     from .train.lm import generate
 
     exp, model, _ = load_run(Path(args.run))
@@ -138,20 +205,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if target.is_file():
         from .runtime import file_summary
 
-        console.print(file_summary(target).table())
+        print_table(console, file_summary(target).table())
         return 0
     from .model_summary import summary
-    from .train.experiment import load_run
+    from .runs import load_run
 
     _, model, _ = load_run(target)
-    summary(model, console=console)
+    print_table(console, summary(model, show=False).table())
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from .export.gguf_model import export_gguf
-        from .train.experiment import load_run
+        from .runs import load_run
 
         out = export_gguf(
             load_run(Path(args.run))[1],
@@ -160,17 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             fallback=args.gguf_fallback,
             float_activations=args.float_activations,
         )
-    elif args.format == "onnx":
-        from .export.onnx import export_onnx_run
-
-        out = export_onnx_run(args.run, args.output or Path(args.run) / "model.onnx")
     else:
-        from .export import export_run
+        from .runs import export_run
 
         out = export_run(
-            args.run,
-            args.output or Path(args.run) / "model.lowbit",
-            ternary_layout=args.ternary_layout,
+            args.run, args.output, format=args.format, ternary_layout=args.ternary_layout
         )
     console.print(f"wrote [bold]{out}[/] ({out.stat().st_size:,} bytes)")
     return 0
@@ -186,39 +247,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_column(f"#{rank} (p)", justify="right")
     for label, pairs in classify(model, args.inputs, top_k=args.top_k):
         table.add_row(label, *[f"{c} ({p:.3f})" for c, p in pairs])
-    console.print(table)
+    print_table(console, table)
     return 0
+
+
+def _run_folders(paths: Sequence[str]) -> list[Path]:
+    """The run folders named: a bench folder stands for its row folders (``seed*/<row>``)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        rows = sorted(p.parent for p in path.glob("seed*/*/results.json"))
+        found += rows if rows and not (path / "run.json").is_file() else [path]
+    return found
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .train.experiment import results_table
+    from .runs import read_results, results_table
 
-    rows = []
-    for run in args.runs:
-        path = Path(run) / "results.json"
-        if not path.is_file():
-            raise ValueError(f"{run}: no results.json (unfinished or not a lowbit run)")
-        rows.append(json.loads(path.read_text()))
-    console.print(results_table(rows))
+    folders = _run_folders(args.runs)
+    labels = [str(f) if len({p.name for p in folders}) < len(folders) else f.name for f in folders]
+    rows = [(label, read_results(f)) for label, f in zip(labels, folders, strict=True)]
+    print_table(console, results_table(rows))
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     if args.what == "accuracy":
         from .bench import run_accuracy_bench
 
+        if extra:
+            raise ValueError(f"lowbit bench accuracy: unknown option(s) {' '.join(extra)}")
         run_accuracy_bench(
-            args.dataset,
+            args.suite,
             quick=args.quick,
             seeds=args.seeds,
             out=args.out,
             methods=args.methods,
+            device=args.device,
             console=console,
         )
-    else:  # kernels / models: their own options follow
+    else:  # kernels / models: their own options are passed on
         import importlib
 
-        importlib.import_module(f"lowbit.bench.{args.what}").main(args.options)
+        options = [*extra, *(["--smoke"] if args.quick else [])]
+        importlib.import_module(f"lowbit.bench.{args.what}").main(options)
     return 0
 
 
@@ -243,7 +314,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             ", ".join(registry.roles_of(name)),
             default_recipe_dict(name).get("description", ""),
         )
-    console.print(table)
+    print_table(console, table)
     return 0
 
 
@@ -329,24 +400,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: accuracy table, kernels, whole models",
-        description="lowbit bench accuracy [--quick] | lowbit bench kernels "
-        "[--smoke ...] | lowbit bench models [--smoke ...]",
+    p = sub.add_parser("bench", help="benchmarks: accuracy table, kernels, whole models")
+    benches = p.add_subparsers(dest="what", required=True)
+    quick_help = "tiny budget, one seed / repetition: checks that it runs (CI)"
+    b = benches.add_parser(
+        "accuracy",
+        help="every method on one model and data set, n seeds: docs/RESULTS.md",
+        description="every method on one model and data set, the same budget, n seeds",
     )
-    p.add_argument("what", choices=("accuracy", "kernels", "models"))
-    p.add_argument("--dataset", default="mnist5k", help="accuracy: recipes/bench/<name>.yaml")
-    p.add_argument("--quick", action="store_true", help="accuracy: one seed, tiny budget (CI)")
-    p.add_argument("--seeds", type=int, help="accuracy: number of seeds (default: the file's)")
-    p.add_argument("--out", help="accuracy: output folder (default runs/bench-<dataset>)")
-    p.add_argument("--methods", nargs="+", help="accuracy: only these rows")
-    p.add_argument(
-        "options",
-        nargs=argparse.REMAINDER,
-        help="kernels/models: options of that benchmark (see --help after it)",
+    b.add_argument(
+        "--suite",
+        "--dataset",
+        default="mnist5k",
+        help="packaged bench: mnist5k (LeNet-5), narrow (8/16/32-channel CNN), cifar10",
     )
-    p.set_defaults(func=cmd_bench)
+    b.add_argument("--quick", "--smoke", action="store_true", help=quick_help)
+    b.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    b.add_argument("--out", help="output folder (default runs/bench-<suite>[-quick])")
+    b.add_argument("--methods", nargs="+", help="only these rows (float32 is always kept)")
+    b.add_argument("--device", help="cpu, cuda or cuda:N (default: the suite's, else auto)")
+    b.set_defaults(func=cmd_bench)
+    for what, text in (("kernels", "CPU GEMM kernels"), ("models", "whole exported models")):
+        b = benches.add_parser(
+            what,
+            help=f"{text} vs float32 (options: lowbit bench {what} --help)",
+            add_help=False,
+        )
+        b.add_argument("--quick", "--smoke", action="store_true", help=quick_help)
+        b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="Markdown report with plots for a run or bench folder")
     p.add_argument("run")
@@ -358,18 +439,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .train import CheckpointError, TrainingDiverged
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that get one line and exit code 2: bad input, files, and the training faults
+    (checked by the modules that raise them, imported by then)."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    for module, name in (
+        ("lowbit.train.checkpoint", "CheckpointError"),
+        ("lowbit.train.trainer", "TrainingDiverged"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        why = "no space left on the device" if err.errno == errno.ENOSPC else err.strerror
+        return f"{why}: {err.filename}" if err.filename else why
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    func: Callable[..., int] = args.func
+    if extra and func is not cmd_bench:
+        build_parser().parse_args(argv)  # the usual argparse error for unknown options
     try:
-        return func(args)
+        return func(args, extra) if func is cmd_bench else func(args)
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/] (resume with lowbit train --resume RUN)")
         return 130
-    except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
+        err_console.print(f"[bold red]error:[/] {_one_line(err)}", highlight=False, soft_wrap=True)
         return 2
 
 

@@ -4,14 +4,19 @@ Every ``nn.Conv2d`` and ``nn.Linear`` is a candidate layer. In module-registrati
 first candidate is the *first layer* and the last one the *last layer* (the classifier), which
 get the recipe's ``first_layer`` / ``last_layer`` rules; then override patterns (fnmatch globs on
 module names) apply in recipe order. An ``nn.Embedding`` starts float and is quantised (weights
-only, :class:`~lowbit.nn.QuantEmbedding`) when an override names it. The projections of an
-``nn.MultiheadAttention`` stay float, with a warning: its ``in_proj_weight`` is a bare Parameter
-and it never calls ``out_proj.forward`` (it reads the weights directly), so a swapped layer
-would be silently bypassed; models with separate ``nn.Linear`` projections (``lowbit.models``'
-LLaMA family, most Hugging Face models) are quantised fully. Each layer is swapped for
+only, :class:`~lowbit.nn.QuantEmbedding`) when an override names it. Each layer is swapped for
 :class:`~lowbit.nn.QuantConv2d` / :class:`~lowbit.nn.QuantLinear` (sharing the original
 Parameters), or, with ``fold_bn``, for a :class:`~lowbit.nn.ConvBnAct` that folds the BatchNorm
 that follows the conv.
+
+Nothing is left float silently: layers lowbit cannot quantise (Conv1d, ConvTranspose2d, LSTM,
+embeddings no override names, attention's projections, ...) stay float with a
+:class:`PartialQuantizationWarning` naming them, and :func:`float_layers` lists them
+(``lowbit.summary`` shows them as float). ``nn.MultiheadAttention`` stays float as a whole: its
+``in_proj_weight`` is a bare Parameter and it never calls ``out_proj.forward`` (it reads the
+weights directly), so a swapped layer would be silently bypassed; models with separate
+``nn.Linear`` projections (``lowbit.models``' LLaMA family, most Hugging Face models) are
+quantised fully.
 """
 
 from __future__ import annotations
@@ -38,24 +43,34 @@ from .recipe import ROLE_OF_SIDE, LayerQuant, QuantConfig, Recipe, RecipeError
 
 QUANTIZED_TYPES = (QuantConv2d, QuantLinear, ConvBnAct, QuantEmbedding)
 RecipeLike = Recipe | Mapping[str, Any] | str | Path
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+"""Layers that stay float by design (folded or applied in float at inference)."""
+
+
+class PartialQuantizationWarning(UserWarning):
+    """Some weighted layers of the model stay float (lowbit has no quantised form for them)."""
+
+
+def _inside_attention(model: nn.Module) -> set[str]:
+    """Names of the submodules of every ``nn.MultiheadAttention`` (it never calls their forward)."""
+    found: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            found.update(f"{name}.{sub}" if name else sub for sub, _ in m.named_modules() if sub)
+    return found
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
     """Names of the layers ``quantize`` considers, in module order (embeddings apart, and
     without the projections inside an ``nn.MultiheadAttention``, see the module docstring)."""
-    inside = tuple(f"{n}." for n in attention_modules(model))
+    attention = _inside_attention(model)
     return [
         name
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
         and not isinstance(m, QUANTIZED_TYPES)
-        and not name.startswith(inside)
+        and name not in attention
     ]
-
-
-def attention_modules(model: nn.Module) -> list[str]:
-    """Names of the ``nn.MultiheadAttention`` modules, whose projections stay float."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
 def embedding_layers(model: nn.Module) -> list[str]:
@@ -65,6 +80,26 @@ def embedding_layers(model: nn.Module) -> list[str]:
         for n, m in model.named_modules()
         if isinstance(m, nn.Embedding) and not isinstance(m, QUANTIZED_TYPES)
     ]
+
+
+def float_layers(model: nn.Module) -> dict[str, str]:
+    """``{name: type}`` of the weighted layers lowbit cannot quantise, which stay float.
+
+    A layer counts when it owns a parameter, is not a candidate of :func:`quantize` (nor an
+    already quantised layer, nor inside one, nor a quantiser) and is not a normalisation layer;
+    submodules of such a layer (an attention's ``out_proj``) are covered by it.
+    """
+    covered = set(candidate_layers(model))
+    covered.update(n for n, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES))
+    found: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if name in covered or isinstance(m, (Quantizer, *NORM_TYPES)):
+            continue
+        if any(name.startswith(f"{c}.") for c in (*covered, *found)):
+            continue
+        if any(True for _ in m.parameters(recurse=False)) or isinstance(m, nn.MultiheadAttention):
+            found[name] = type(m).__name__
+    return found
 
 
 def resolve_layers(model: nn.Module, recipe: RecipeLike) -> dict[str, LayerQuant | None]:
@@ -114,15 +149,27 @@ def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
     is created afterwards.
     """
     recipe = Recipe.load(recipe)
+    _refuse_quantized(model)
     plan = resolve_layers(model, recipe)
-    for name in attention_modules(model):
+    quantised = {name for name, layer in plan.items() if layer is not None}
+    left_float = {n: t for n, t in float_layers(model).items() if n not in quantised}
+    if left_float:
+        listed = ", ".join(f"{n} ({t})" for n, t in left_float.items())
         warnings.warn(
-            f"nn.MultiheadAttention {name!r} stays float: it reads its projection weights "
-            "directly, so lowbit cannot quantise them (use nn.Linear q/k/v/out projections)",
+            f"these layers stay float (lowbit quantises Conv2d, Linear and, when an override "
+            f"names them, Embedding): {listed}",
+            PartialQuantizationWarning,
             stacklevel=2,
         )
-    if recipe.replace_relu is not None:
+    if recipe.replace_relu is not None and _gets_base_activations(plan, recipe):
         _replace_relus(model, recipe.replace_relu)
+    elif recipe.replace_relu is not None:
+        warnings.warn(
+            f"recipe {recipe.name!r}: no layer gets its activation quantiser, so the ReLUs are "
+            "kept (replace_relu is not applied)",
+            PartialQuantizationWarning,
+            stacklevel=2,
+        )
     if recipe.fold_bn:
         fused = fuse_conv_bn(
             model,
@@ -147,6 +194,26 @@ def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
     register_latent_clipping(model)
     model.lowbit_recipe = recipe  # read by summary() and export
     return model
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """A RecipeError when ``model`` was quantised already (quantize() takes a float model)."""
+    done = getattr(model, "lowbit_recipe", None)
+    if done is not None or any(isinstance(m, QUANTIZED_TYPES) for m in model.modules()):
+        how = f" with recipe {done.name!r}" if done is not None else ""
+        raise RecipeError(
+            f"the model is already quantised{how}; quantize() takes a float model (build a "
+            "fresh one, or keep the quantised one)"
+        )
+
+
+def _gets_base_activations(plan: Mapping[str, LayerQuant | None], recipe: Recipe) -> bool:
+    """True when some layer gets the recipe's own activation quantiser (not a first/last rule)."""
+    base = recipe.activations
+    return base is not None and any(
+        lq is not None and lq.activations is not None and lq.activations.to_dict() == base
+        for lq in plan.values()
+    )
 
 
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:

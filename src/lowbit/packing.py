@@ -176,3 +176,21 @@ def unpack_nbit(data: ArrayLike | bytes, n: int, bits: int, signed: bool) -> NDA
         fields -= (fields >> (bits - 1)) << bits  # sign-extend: subtract 2^bits when top bit set
         return fields.astype(np.int8)
     return fields.astype(np.uint8)
+
+
+def stored_bits(scheme: str, qmin: int, qmax: int, ternary_layout: str = "5trit") -> float:
+    """Bits per code as ``.lowbit`` stores codes of ``scheme`` in ``[qmin, qmax]``.
+
+    Binary 1; ternary 8/5 = 1.6 (five trits a byte) or 2 with ``ternary_layout="2bit"``;
+    otherwise the fewest bits whose (signed when ``qmin < 0``) range holds ``[qmin, qmax]``.
+    The one size definition of lowbit: ``lowbit.summary`` counts weights with it.
+    """
+    if scheme == "binary":
+        return 1.0
+    if scheme == "ternary":
+        return 2.0 if ternary_layout == "2bit" else 8 / _TERNARY_GROUP
+    for bits in range(1, 9):
+        lo, hi = nbit_range(bits, qmin < 0)
+        if lo <= qmin and qmax <= hi:
+            return float(bits)
+    raise ValueError(f"codes in [{qmin}, {qmax}] need more than 8 bits; .lowbit stores up to 8")

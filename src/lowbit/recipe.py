@@ -34,6 +34,7 @@ import yaml
 
 from .quant import registry
 from .quant.base import Quantizer
+from .yamlio import load_yaml
 
 FLOAT = "float"
 SAME = "same"
@@ -290,7 +291,7 @@ def default_recipe_dict(method: str) -> dict[str, Any]:
             f"unknown method {method!r} in recipe key 'method'; methods with a "
             f"default recipe: {', '.join(known)}"
         )
-    data = yaml.safe_load(path.read_text())
+    data = load_yaml(path.read_text())
     data.setdefault("name", method)
     return data
 
@@ -361,7 +362,7 @@ def read_mapping(path: Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         is_toml = path.suffix.lower() == ".toml"
-        data = tomllib.loads(text) if is_toml else yaml.safe_load(text)
+        data = tomllib.loads(text) if is_toml else load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
         raise RecipeError(f"recipe file {str(path)!r} is not valid: {err}") from err
     if not isinstance(data, dict):

@@ -21,12 +21,9 @@ is what the whole bench costs from scratch even when it ran in several sessions.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,28 +37,19 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..convert import quantize
 from ..data import DatasetSplits, load_dataset
-from ..model_summary import summary
 from ..models import create_model
+from ..runs.folder import load_run, write_run_files
+from ..runs.results import RESULTS
+from ..runs.runner import finish_run, results_head, run_experiment
 from ..train.checkpoint import save_checkpoint
 from ..train.config import TrainConfig
-from ..train.experiment import (
-    Experiment,
-    final_checkpoint,
-    load_run,
-    load_weights,
-    write_run_files,
-)
-from ..train.health import QuantHealthCallback, check_health, first_batch, weight_zero_counts
-from ..train.trainer import Trainer, evaluate
+from ..train.experiment import Experiment
+from ..yamlio import load_yaml
 from .config import FLOAT32, BenchConfig, BenchConfigError, BenchMethod, load_bench
 from .machine import machine_info
 from .ptq import apply_ptq, ptq_recipe
-from .table import aggregate, check_goals, print_table, write_tables
+from .table import aggregate, check_goals, show_results, write_tables
 from .timing import step_time_overheads
-
-RESULTS = "results.json"
-EVAL_BATCH = 256
-HEALTH_BATCH = 256
 
 
 def run_accuracy_bench(
@@ -72,18 +60,21 @@ def run_accuracy_bench(
     seeds: int | None = None,
     out: str | Path | None = None,
     methods: Sequence[str] | None = None,
+    device: str | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the accuracy bench and write its table; returns the content of ``results.json``.
 
     Args:
-        dataset: the bench ``recipes/bench/<dataset>.yaml`` (``mnist5k``, ``cifar10``).
+        dataset: the packaged suite ``lowbit/recipes/bench/<dataset>.yaml`` (``mnist5k``,
+            ``narrow``, ``cifar10``).
         config: a bench file or mapping instead of ``dataset``'s.
         quick: the CI mode -- one seed, one epoch per phase on small subsets; every row is
             produced, the figures mean nothing.
         seeds: number of seeds (0, 1, ...); default the bench's (3). Overrides quick's 1.
         out: output folder (default ``runs/bench-<name>[-quick]``).
         methods: only these rows (float32 is always kept: the deltas need it).
+        device: run every phase on this device (``cpu``, ``cuda``, ``cuda:N``).
         console: where progress and the table are printed.
     """
     console = console or Console()
@@ -96,6 +87,8 @@ def run_accuracy_bench(
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds must be a positive int, got {seeds!r}")
         bench = replace(bench, seeds=seeds)
+    if device is not None:
+        bench = bench.on_device(device)
     out = Path(out) if out is not None else Path("runs") / default_folder(bench)
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out / "bench.yaml", bench)
@@ -120,7 +113,10 @@ def run_accuracy_bench(
         "seeds": bench.seeds,
         "model": dict(bench.model),
         "data": dict(bench.data),
-        "budget": {"pretrain_epochs": bench.pretrain.epochs, "train_epochs": bench.train.epochs},
+        "budget": {
+            "pretrain_epochs": 0 if bench.pretrain is None else bench.pretrain.epochs,
+            "train_epochs": bench.train.epochs,
+        },
         "machine": machine_info(device),
         "compute_time_s": compute_s,
         "timing_load_average": timing.get("load_average"),
@@ -131,7 +127,7 @@ def run_accuracy_bench(
         "notes": bench.notes,
     }
     write_tables(out, results)
-    print_table(results, console)
+    show_results(results, console)
     return results
 
 
@@ -159,8 +155,8 @@ def check_resumable(previous: Path, bench: BenchConfig) -> None:
     """
     if not previous.is_file():
         return
-    old = yaml.safe_load(previous.read_text()) or {}
-    new = yaml.safe_load(yaml.safe_dump(bench.to_dict()))
+    old = load_yaml(previous.read_text()) or {}
+    new = load_yaml(yaml.safe_dump(bench.to_dict()))
     changed = [k for k in SHARED_KEYS if old.get(k) != new.get(k)]
     old_methods, new_methods = old.get("methods", {}), new["methods"]
     changed += [
@@ -237,19 +233,20 @@ def _experiment(
 def pretrain(
     bench: BenchConfig, seed: int, data: DatasetSplits, run_dir: Path, console: Console
 ) -> tuple[nn.Module, float]:
-    """The seed's float32 model, trained with ``pretrain`` (or reloaded if already trained),
-    and the seconds its training took."""
+    """The seed's float32 model, trained with ``pretrain`` by the experiment runner (or
+    reloaded if already trained), and the seconds its training took; without ``pretrain`` the
+    seed's freshly initialised model (every row trains from scratch) and 0."""
     options = {k: v for k, v in bench.model.items() if k != "name"}
-    model = create_model(bench.model["name"], data.num_classes, data.in_shape, seed=seed, **options)
-    phase_dir = run_dir / "fp"
-    if not (phase_dir / "metrics.json").exists():
-        cfg = bench.pretrain_config(seed)
+    init = create_model(bench.model["name"], data.num_classes, data.in_shape, seed=seed, **options)
+    cfg = bench.pretrain_config(seed)
+    if cfg is None:
+        return init, 0.0
+    if not (run_dir / RESULTS).exists():
         exp = _experiment(bench, "pretrain", cfg, None, seed, "float32 pre-training")
-        write_run_files(run_dir, exp, data)
         console.rule(f"{bench.name} seed {seed}: float32 pre-training ({cfg.epochs} epochs)")
-        Trainer(model, data.train, data.val, cfg, phase_dir, console=console).fit()
-    load_weights(model, final_checkpoint(phase_dir))
-    return model, json.loads((phase_dir / "metrics.json").read_text())["wall_time_s"]
+        run_experiment(exp, run_dir, data=data, initial_model=init, seed=seed, console=console)
+    _, model, _ = load_run(run_dir)
+    return model, json.loads((run_dir / RESULTS).read_text())["fp"]["wall_time_s"]
 
 
 def run_training(
@@ -261,30 +258,22 @@ def run_training(
     run_dir: Path,
     console: Console,
 ) -> dict[str, Any]:
-    """Fine-tune a copy of ``pretrained``: in float (float32 row) or quantised (QAT rows)."""
-    started = time.perf_counter()
+    """One trained row, run by the experiment runner from the seed's float32 model: float32
+    keeps training in float, a QAT row quantises and fine-tunes."""
     cfg = bench.train_config(method, seed)
-    model = copy.deepcopy(pretrained)
-    callbacks = []
-    if method.recipe is not None:
-        quantize(model, method.recipe)
-        callbacks.append(QuantHealthCallback(data.val, batch_size=HEALTH_BATCH, console=console))
-    description = f"bench row {method.name}: fine-tuned from the seed's float32 model"
-    write_run_files(
-        run_dir, _experiment(bench, method.name, cfg, method.recipe, seed, description), data
+    start = "fine-tuned from the seed's float32 model" if bench.pretrain else "trained from scratch"
+    description = f"bench row {method.name}: {start}"
+    exp = _experiment(bench, method.name, cfg, method.recipe, seed, description)
+    return run_experiment(
+        exp,
+        run_dir,
+        data=data,
+        initial_model=pretrained,
+        seed=seed,
+        method=method.name,
+        export=True,
+        console=console,
     )
-    phase_dir = run_dir / ("fp" if method.recipe is None else "qat")
-    trainer = Trainer(
-        model, data.train, data.val, cfg, phase_dir, console=console, callbacks=callbacks
-    )
-    metrics = trainer.fit()
-    load_weights(model, final_checkpoint(phase_dir))
-    extra = {
-        "epochs": metrics["epochs"],
-        "train_time_s": metrics["wall_time_s"],
-        "mean_step_time_ms": metrics["mean_step_time_ms"],
-    }
-    return finish_run(run_dir, method, seed, model, data, cfg.resolve_device(), extra, started)
 
 
 def calibration_batches(
@@ -313,13 +302,13 @@ def run_ptq(
     seed_dir: Path,
     console: Console,
 ) -> dict[str, Any]:
-    """Quantise the float32 row's final model with a PTQ baseline; saved as a run folder."""
+    """Quantise the float32 row's final model with a PTQ baseline (:func:`lowbit.calibrate`
+    on a few training batches, no training); saved as a run folder like every other row."""
     started = time.perf_counter()
     assert method.ptq is not None
     cfg = bench.train_config(bench.method(FLOAT32), seed)
     _, model, _ = load_run(seed_dir / FLOAT32)
-    device = cfg.resolve_device()
-    model.to(device)
+    model.to(cfg.resolve_device())
     batches = calibration_batches(data, cfg, bench.calibration_batches, seed)
     apply_ptq(method.ptq, model, batches, seed=seed)
     run_dir = seed_dir / method.name
@@ -333,86 +322,8 @@ def run_ptq(
     meta = {"ptq": method.ptq, "calibration_batches": len(batches), "epoch": 0}
     save_checkpoint(run_dir / "qat" / "checkpoints" / "best", tensors, meta)
     console.print(f"{method.name}: calibrated on {len(batches)} batches")
-    return finish_run(run_dir, method, seed, model, data, device, {"epochs": 0}, started)
-
-
-# -- measurements ----------------------------------------------------------------------------
-def bits_w_a(model: nn.Module) -> tuple[int, int]:
-    """The weight and activation bits of the inner layers (first and last layer excluded).
-
-    The most common pair over the inner layers (all layers when there are at most two);
-    float is 32 bits.
-    """
-    rows = summary(model, show=False).layers
-    inner = rows[1:-1] if len(rows) > 2 else rows
-    pairs = Counter((r.weight_bits, r.act_bits or 32) for r in inner)
-    return pairs.most_common(1)[0][0]
-
-
-def model_size(
-    model: nn.Module, path: Path, in_shape: tuple[int, int, int]
-) -> tuple[int, str, str | None]:
-    """``(bytes, source, error)``: the size of the ``.lowbit`` file ``lowbit.export`` writes
-    (``source`` ``"export"``), else -- no exporter, or it refused this model (``error`` says
-    why) -- ``lowbit.summary``'s size in bytes (``"summary"``)."""
-    try:
-        from ..export import export
-    except ImportError as err:
-        error = f"no exporter: {err}"
-    else:
-        try:
-            export(model, path, example_input=in_shape)
-            return path.stat().st_size, "export", None
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-            error = f"export failed: {err}"
-    return math.ceil(summary(model, show=False).size_bits / 8), "summary", error
-
-
-def sparsity(model: nn.Module) -> float | None:
-    """Share of exactly-zero quantised weights over all quantised layers (None if none)."""
-    counts = weight_zero_counts(model)
-    total = sum(n for _, n in counts.values())
-    return None if total == 0 else sum(z for z, _ in counts.values()) / total
-
-
-def finish_run(
-    run_dir: Path,
-    method: BenchMethod,
-    seed: int,
-    model: nn.Module,
-    data: DatasetSplits,
-    device: torch.device,
-    extra: Mapping[str, Any],
-    started: float,
-) -> dict[str, Any]:
-    """Evaluate and measure the row's final model; write and return its ``results.json``
-    (``wall_time_s``: seconds since ``started``, a ``time.perf_counter()`` reading)."""
-    model.to(device).eval()
-
-    def acc(ds: Dataset) -> float:
-        return evaluate(model, DataLoader(ds, batch_size=EVAL_BATCH), device=device)["acc"]
-
-    size, source, size_error = model_size(model, run_dir / "model.lowbit", data.in_shape)
-    bits_w, bits_a = bits_w_a(model)
-    issues = check_health(model, first_batch(data.val, HEALTH_BATCH).to(device))
-    result = {
-        "method": method.name,
-        "kind": method.kind,
-        "seed": seed,
-        "bits_w": bits_w,
-        "bits_a": bits_a,
-        "val_acc": acc(data.val),
-        "test_acc": acc(data.test),
-        "size_bytes": size,
-        "size_source": source,
-        "size_error": size_error,
-        "sparsity": None if method.kind == "float" else sparsity(model),
-        "health": [i.message for i in issues],
-        **extra,
-    }
-    result["wall_time_s"] = time.perf_counter() - started
-    (run_dir / RESULTS).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    results = {**results_head(exp, "ptq", seed, method.name), "epochs": 0}
+    return finish_run(exp, run_dir, model, data, results, started, export=True)
 
 
 def overheads(

@@ -1,4 +1,4 @@
-"""Accuracy-bench configurations: the files under ``recipes/bench/`` (one per dataset).
+"""Accuracy-bench configurations: the packaged files ``lowbit/recipes/bench/<suite>.yaml``.
 
 A bench file fixes one model, one dataset and one training budget, and lists the methods::
 
@@ -6,7 +6,8 @@ A bench file fixes one model, one dataset and one training budget, and lists the
     model: {name: lenet5}
     data: {name: mnist5k, val_fraction: 0.1}
     seeds: 3
-    pretrain: {epochs: 6, optimizer: adam, lr: 0.002}   # float32, once per seed
+    pretrain: {epochs: 6, optimizer: adam, lr: 0.002}   # float32, once per seed (null:
+                                                       # every row trains from scratch)
     train: {epochs: 4, optimizer: adam, lr: 0.0005}     # every method's fine-tune budget
     calibration_batches: 8                             # post-training quantisation
     timing_steps: 20                                   # QAT step-time overhead
@@ -32,15 +33,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from ..recipe import Recipe, RecipeError, read_mapping
 from ..train.config import TrainConfig
+from ..yamlio import load_yaml
 from .ptq import PTQ_KINDS
 
-BENCH_DIR = Path(__file__).resolve().parents[3] / "recipes" / "bench"
-"""``recipes/bench/`` of the source tree (the package is installed editable from it)."""
+BENCH_PACKAGE_DIR = ("recipes", "bench")
+"""Where the bench files ship: package data ``lowbit/recipes/bench/<name>.yaml``."""
 
 FLOAT32 = "float32"
 TOP_KEYS = (
@@ -112,7 +116,7 @@ class BenchConfig:
     name: str
     model: Mapping[str, Any]
     data: Mapping[str, Any]
-    pretrain: TrainConfig
+    pretrain: TrainConfig | None
     train: TrainConfig
     methods: tuple[BenchMethod, ...]
     seeds: int = 3
@@ -139,8 +143,9 @@ class BenchConfig:
         merged["epochs"] = self.train.epochs  # the budget is the same for every method
         return _train_config(merged, f"methods.{method.name}.train")
 
-    def pretrain_config(self, seed: int) -> TrainConfig:
-        return replace(self.pretrain, seed=seed)
+    def pretrain_config(self, seed: int) -> TrainConfig | None:
+        """The seed's float32 pre-training, None when every row trains from scratch."""
+        return None if self.pretrain is None else replace(self.pretrain, seed=seed)
 
     def as_quick(self) -> BenchConfig:
         """The ``--quick`` variant: one seed, ``quick.epochs`` per phase, small subsets."""
@@ -149,7 +154,9 @@ class BenchConfig:
         return replace(
             self,
             seeds=1,
-            pretrain=replace(self.pretrain, **short, prefix="pretrain"),
+            pretrain=None
+            if self.pretrain is None
+            else replace(self.pretrain, **short, prefix="pretrain"),
             train=replace(self.train, **short, prefix="train"),
             calibration_batches=q.calibration_batches,
             timing_steps=q.timing_steps,
@@ -157,6 +164,19 @@ class BenchConfig:
             train_samples=q.train_samples,
             eval_samples=q.eval_samples,
         )
+
+    def on_device(self, device: str) -> BenchConfig:
+        """Every phase on ``device``; a BenchConfigError names a bad one."""
+        try:
+            return replace(
+                self,
+                pretrain=None
+                if self.pretrain is None
+                else _train_config({**self.pretrain.to_dict(), "device": device}, "pretrain"),
+                train=_train_config({**self.train.to_dict(), "device": device}, "train"),
+            )
+        except BenchConfigError as err:
+            raise BenchConfigError(f"--device: {err}") from err
 
     def select(self, names: Sequence[str]) -> BenchConfig:
         """Only the methods ``names`` (plus float32, which the deltas need), in bench order."""
@@ -173,7 +193,7 @@ class BenchConfig:
         out.update(
             mode="quick" if self.quick else "full",
             seeds=self.seeds,
-            pretrain=self.pretrain.to_dict(),
+            pretrain=None if self.pretrain is None else self.pretrain.to_dict(),
             train=self.train.to_dict(),
             calibration_batches=self.calibration_batches,
             timing_steps=self.timing_steps,
@@ -184,25 +204,38 @@ class BenchConfig:
         return out
 
 
-def bench_path(dataset: str) -> Path:
-    """``recipes/bench/<dataset>.yaml``; a BenchConfigError lists the benches there."""
-    path = BENCH_DIR / f"{dataset}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in BENCH_DIR.glob("*.yaml")) if BENCH_DIR.is_dir() else []
+def _bench_folder() -> Traversable:
+    return resources.files("lowbit").joinpath(*BENCH_PACKAGE_DIR)
+
+
+def bench_names() -> list[str]:
+    """The packaged benches (``lowbit bench accuracy --suite NAME``)."""
+    return sorted(
+        p.name.removesuffix(".yaml") for p in _bench_folder().iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def packaged_bench(name: str) -> Mapping[str, Any]:
+    """The mapping of packaged bench ``name``; a BenchConfigError lists the packaged ones."""
+    file = _bench_folder() / f"{name}.yaml"
+    if not file.is_file():
         raise BenchConfigError(
-            f"no bench {dataset!r} in {BENCH_DIR} (benches: {', '.join(known) or 'none'}); "
+            f"no bench {name!r} (packaged benches: {', '.join(bench_names()) or 'none'}); "
             "pass a bench file with config=..."
         )
-    return path
+    return load_yaml(file.read_text())
 
 
 def load_bench(source: str | Path | Mapping[str, Any]) -> BenchConfig:
-    """A bench from a mapping, a YAML/TOML file, or a dataset name (``recipes/bench/<name>``)."""
+    """A bench from a mapping, a YAML/TOML file, or a packaged bench name."""
     if isinstance(source, Mapping):
         return bench_from_dict(source)
     path = Path(source)
     if not path.exists() and path.suffix == "":
-        path = bench_path(str(source))
+        try:
+            return bench_from_dict(packaged_bench(str(source)))
+        except (BenchConfigError, RecipeError) as err:
+            raise BenchConfigError(f"bench {source}: {err}") from err
     try:
         return bench_from_dict(read_mapping(path))
     except (BenchConfigError, RecipeError) as err:
@@ -226,7 +259,9 @@ def bench_from_dict(d: Mapping[str, Any]) -> BenchConfig:
         model=model,
         data=data,
         seeds=_positive_int(d.get("seeds", 3), "seeds"),
-        pretrain=_train_config(d.get("pretrain", d["train"]), "pretrain"),
+        pretrain=None
+        if "pretrain" in d and d["pretrain"] is None
+        else _train_config(d.get("pretrain", d["train"]), "pretrain"),
         train=_train_config(d["train"], "train"),
         calibration_batches=_positive_int(d.get("calibration_batches", 8), "calibration_batches"),
         timing_steps=_positive_int(d.get("timing_steps", 20), "timing_steps"),

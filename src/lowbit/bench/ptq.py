@@ -2,7 +2,7 @@
 
 The bench's question is whether quantisation-*aware* training beats simply quantising the
 trained float model. Both baselines use lowbit's own quantisers and recipes, calibrated on a
-few training batches with no gradient step:
+few training batches with no gradient step (:func:`lowbit.calibrate`):
 
 * **int8** (:func:`ptq_int8`): the ``affine`` recipe of Jacob et al. (2018) -- int8 symmetric
   per-channel weights, BatchNorm folded into the convs, uint8 activations whose ranges are the
@@ -17,18 +17,18 @@ few training batches with no gradient step:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..calibration import activation_quantizers, calibrate
 from ..convert import quantize
 from ..nn import layer_weight_bias
 from ..quant.functional import signed_bounds
 from ..quant.lsq import LSQ
 from ..recipe import Recipe
-from ..train.health import activation_quantizers, recording_inputs
 
 MSE_GRID = 64  # clipping fractions f = 1/64, 2/64, ..., 1
 MAX_CALIBRATION_VALUES = 1 << 20  # activation values kept per quantiser for the step search
@@ -58,37 +58,10 @@ def apply_ptq(kind: str, model: nn.Module, batches: Iterable[Tensor], seed: int 
     return ptq_uniform(model, batches, bits=4, seed=seed)
 
 
-@torch.no_grad()
-def observe(
-    model: nn.Module,
-    batches: Iterable[Tensor],
-    hook: Callable[[str, Tensor], None] | None = None,
-) -> None:
-    """Forward ``batches`` with activation quantisers in training mode, the rest in eval mode.
-
-    Training mode lets observers update (affine EMA ranges) and data-initialised quantisers set
-    themselves (LSQ's sign and first step); BatchNorm keeps its running statistics. No gradient,
-    no optimizer. ``hook(name, x)`` sees each activation quantiser's input. The model is left in
-    evaluation mode.
-    """
-    model.eval()
-    acts = activation_quantizers(model)
-    for q in acts.values():
-        q.train()
-    device = next(model.parameters()).device
-    try:
-        with recording_inputs(acts, hook or (lambda _name, _x: None)):
-            for x in batches:
-                model(x.to(device))
-    finally:
-        model.eval()
-
-
 def ptq_int8(model: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
     """Quantise a trained float ``model`` in place with the int8 ``affine`` recipe, calibrated."""
     quantize(model, ptq_recipe("int8"))
-    observe(model, batches)
-    return model
+    return calibrate(model, batches)
 
 
 @torch.no_grad()
@@ -136,7 +109,7 @@ def ptq_uniform(
     """
     quantize(model, ptq_recipe("4bit", bits))
     seen: dict[str, list[Tensor]] = {}
-    observe(model, batches, hook=lambda n, x: seen.setdefault(n, []).append(x))
+    calibrate(model, batches, record=lambda n, x: seen.setdefault(n, []).append(x))
     generator = torch.Generator().manual_seed(seed)
     acts = activation_quantizers(model)
     for name, values in seen.items():

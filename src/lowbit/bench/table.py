@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..term import print_table
 from .config import FLOAT32, BenchConfig
 
 CSV_FIELDS = (
@@ -115,7 +116,7 @@ def aggregate(
 
 def bits_label(row: Mapping[str, Any]) -> str:
     """``"w/a"`` bits, ``"32/32"`` for float."""
-    return f"{row['bits_w']}/{row['bits_a']}"
+    return f"{row['bits_w']:g}/{row['bits_a']}"
 
 
 def check_goals(bench: BenchConfig, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -237,6 +238,16 @@ def goal_lines(goals: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def budget_text(budget: Mapping[str, int]) -> str:
+    """The training budget in words: shared float32 pre-training, or every row from scratch."""
+    if not budget["pretrain_epochs"]:
+        return f"every row trains {budget['train_epochs']} epochs from scratch"
+    return (
+        f"per seed {budget['pretrain_epochs']} float32 epochs, then {budget['train_epochs']} "
+        "fine-tune epochs for every row from that checkpoint"
+    )
+
+
 def rich_table(results: Mapping[str, Any]) -> Table:
     rows = results["rows"]
     title = f"lowbit bench accuracy: {results['bench']}" + (" (quick)" if results["quick"] else "")
@@ -247,14 +258,13 @@ def rich_table(results: Mapping[str, Any]) -> Table:
         table.add_row(*cells)
     table.caption = (
         f"mean ± std over {results['seeds']} seed(s); top-1 on the test split; "
-        f"{results['budget']['pretrain_epochs']} float epochs + "
-        f"{results['budget']['train_epochs']} fine-tune epochs per row"
+        f"{budget_text(results['budget'])}"
     )
     return table
 
 
-def print_table(results: Mapping[str, Any], console: Console) -> None:
-    console.print(rich_table(results))
+def show_results(results: Mapping[str, Any], console: Console) -> None:
+    print_table(console, rich_table(results))
     for line in goal_lines(results["goals"]):
         console.print(line, highlight=False)
 

@@ -4,8 +4,8 @@
     model = lowbit.runtime.load("model.lowbit")          # numpy only, no torch
 
 :func:`export` builds the inference graph (:func:`build_graph`) and writes it
-(:func:`write_graph`, format in :mod:`lowbit.runtime.loader`); :func:`export_run` does the same
-for a finished run folder (``lowbit export RUN -o model.lowbit``).
+(:func:`write_graph`, format in :mod:`lowbit.runtime.loader`); a run folder is exported by
+:func:`lowbit.runs.export_run` (``lowbit export RUN -o model.lowbit``).
 
 This package module is itself callable, ``lowbit.export(model, path, ...)`` being
 :func:`export`: the package and the function share the public name ``lowbit.export``.
@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from .files import ExportError
 from .graph_builder import build_graph, build_graph_with_values, example_tensor
 from .lowbit_file import TERNARY_LAYOUTS, code_packing, graph_to_bytes, write_graph
-from .run import run_graph
 
 __all__ = [
     "TERNARY_LAYOUTS",
@@ -35,9 +34,7 @@ __all__ = [
     "code_packing",
     "example_tensor",
     "export",
-    "export_run",
     "graph_to_bytes",
-    "run_graph",
     "write_graph",
 ]
 
@@ -79,20 +76,6 @@ def export(
     if preprocess is not None:
         graph.meta["preprocess"] = dict(preprocess)
     return write_graph(graph, path, ternary_layout=ternary_layout)
-
-
-def export_run(
-    run_dir: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    ternary_layout: str = "5trit",
-) -> Path:
-    """Export the final model of a run folder (``lowbit export RUN -o model.lowbit``).
-
-    The input shape, the recipe and the dataset's normalisation (stored as ``preprocess``,
-    so ``lowbit run`` can classify raw images) come from the run folder.
-    """
-    return write_graph(run_graph(run_dir), out_path, ternary_layout=ternary_layout)
 
 
 class _CallableModule(types.ModuleType):

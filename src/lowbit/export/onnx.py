@@ -80,7 +80,6 @@ __all__ = [
     "MIN_OPSET",
     "PREPROCESS_KEY",
     "export_onnx",
-    "export_onnx_run",
     "graph_to_onnx",
     "onnx_agreement",
     "write_onnx",
@@ -449,14 +448,3 @@ def onnx_agreement(
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     top1 = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
     return {"max_abs_diff": float(np.abs(got - expected).max()), "top1_agreement": top1}
-
-
-def export_onnx_run(
-    run_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET
-) -> Path:
-    """Export a run folder's final model (``lowbit export RUN --format onnx -o model.onnx``),
-    with the run's input normalisation in ``metadata_props``. Returns ``out_path``."""
-    from .run import run_graph
-
-    write_onnx(run_graph(run_dir), out_path, opset=opset)
-    return Path(out_path)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runs.folder import is_run_folder
 from .bench_report import bench_report, is_bench_folder
 from .figures import FigureFiles
-from .runs import is_run_folder, run_report
+from .runs import run_report
 
 REPORT_NAME = "report.md"
 

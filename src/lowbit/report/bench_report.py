@@ -1,6 +1,6 @@
 """The report of a bench folder (``lowbit bench accuracy``): the command that regenerates it,
 the machine, the table, the goals (a paragraph per missed goal, with its figure), the plots,
-and the other benches of ``recipes/bench`` with their commands.
+and the other packaged benches with their commands.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from ..bench.config import BENCH_DIR, FLOAT32, BenchConfig, BenchConfigError, load_bench
+from ..bench.config import FLOAT32, BenchConfig, BenchConfigError, bench_names, load_bench
 from ..bench.machine import describe
-from ..bench.table import goal_lines, markdown_table
+from ..bench.table import budget_text, goal_lines, markdown_table
 from ..data import load_dataset
-from ..train.experiment import load_run
+from ..runs.folder import load_run
 from .collect import layer_sparsity
 from .figures import FigureFiles, shown_path
 from .plots import plot_accuracy_vs_bits, plot_accuracy_vs_size
@@ -33,7 +33,7 @@ def is_bench_folder(path: Path) -> bool:
 def regenerate_command(results: Mapping[str, Any], run_dir: Path, output: Path) -> str:
     quick = " --quick" if results["quick"] else ""
     return (
-        f"lowbit bench accuracy --dataset {results['bench']}{quick} --seeds "
+        f"lowbit bench accuracy --suite {results['bench']}{quick} --seeds "
         f"{results['seeds']} --out {shown_path(run_dir)} && "
         f"lowbit report {shown_path(run_dir)} -o {shown_path(output)}"
     )
@@ -63,10 +63,10 @@ def setup_lines(results: Mapping[str, Any]) -> list[str]:
         f"- Time: {time_line(results['compute_time_s'], results['session_time_s'])}.",
         f"- {results['description']}.",
         f"- Model `{results['model']['name']}`, data `{results['data']['name']}`; "
-        f"{results['seeds']} seed(s); per seed {budget['pretrain_epochs']} float32 epochs, then "
-        f"{budget['train_epochs']} fine-tune epochs for every row from that checkpoint "
-        "(post-training rows: calibration only). The epoch kept is the best on the validation "
-        "split carved from the training set; the test split is only evaluated." + busy,
+        f"{results['seeds']} seed(s); {budget_text(budget)} "
+        "(post-training rows: calibration of the float32 row only). The epoch kept is the best "
+        "on the validation split carved from the training set; the test split is only "
+        "evaluated." + busy,
     ]
 
 
@@ -139,11 +139,11 @@ def availability(bench: BenchConfig) -> str:
 
 
 def other_benches(current: str) -> list[str]:
-    """The other benches under ``recipes/bench`` with their command and notes."""
+    """The other packaged benches with their command and notes."""
     lines: list[str] = []
-    for path in sorted(BENCH_DIR.glob("*.yaml")) if BENCH_DIR.is_dir() else []:
+    for suite in bench_names():
         try:
-            bench = load_bench(path)
+            bench = load_bench(suite)
         except BenchConfigError:
             continue
         if bench.name == current:
@@ -152,7 +152,7 @@ def other_benches(current: str) -> list[str]:
         lines += [
             f"### {bench.name}: {bench.description}",
             "",
-            f"    lowbit bench accuracy --dataset {path.stem} --out runs/bench-{bench.name}",
+            f"    lowbit bench accuracy --suite {suite} --out runs/bench-{bench.name}",
             "",
             f"Rows: {methods}. {availability(bench)}",
             "",

@@ -2,25 +2,21 @@
 
 Three figures, each from the run's own files: TTQ's ``Wp``/``Wn`` per layer over training
 (``qat/scalars.jsonl``), the weight histograms before and after quantisation and the per-layer
-sparsity (both from the final checkpoint, rebuilt with :func:`lowbit.train.experiment.load_run`).
+sparsity (both from the final checkpoint, rebuilt with :func:`lowbit.runs.load_run`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..train.experiment import load_run
+from ..runs.folder import load_run
+from ..runs.results import read_results
 from .collect import layer_sparsity, ttq_trajectories, weight_pairs
 from .figures import FigureFiles
 from .plots import plot_layer_sparsity, plot_ttq_trajectories, plot_weight_histograms
-
-
-def is_run_folder(path: Path) -> bool:
-    return (path / "experiment.yaml").is_file() and (path / "run.json").is_file()
 
 
 def _percent(value: Any) -> str:
@@ -28,30 +24,34 @@ def _percent(value: Any) -> str:
 
 
 def summary_lines(run_dir: Path) -> list[str]:
-    """The run's headline numbers from its ``results.json`` (a lowbit run or a bench row)."""
-    file = run_dir / "results.json"
-    if not file.is_file():
+    """The run's headline numbers from its ``results.json`` (any kind of run folder)."""
+    try:
+        r = read_results(run_dir)
+    except ValueError:
         return ["(no results.json: the run has not finished)"]
-    r = json.loads(file.read_text())
-    if "test_acc" in r and "fp" in r:  # lowbit train / run_experiment
-        lines = [f"- float32 test top-1: {_percent(r['fp'].get('test', {}).get('acc'))}"]
-        if "qat" in r:
-            lines.append(
-                f"- quantised ({r.get('method')}) test top-1: "
-                f"{_percent(r['qat'].get('test', {}).get('acc'))}"
-            )
+    method = r.get("method") or "float32"
+    fp = r.get("fp", {}).get("test", {}).get("acc")
+    lines = []
+    if fp is not None and r.get("kind") != "float":
+        lines.append(f"- float32 phase test top-1: {_percent(fp)}")
+    lines.append(
+        f"- {method} ({r.get('kind')}) test top-1 {_percent(r.get('test_acc'))}, validation "
+        f"top-1 {_percent(r.get('val_acc'))}"
+    )
+    if r.get("bits_w") is not None:
         lines.append(
-            f"- size {r['size_bits'] / 8192:.1f} KiB, {r['compression']:.1f}x smaller "
-            "than float32 (lowbit.summary)"
+            f"- bits w/a {r['bits_w']:g}/{r['bits_a']}, sparsity {_percent(r['sparsity'])}"
         )
-        return lines
-    return [  # a bench row
-        f"- method {r['method']} ({r['kind']}), seed {r['seed']}, bits w/a "
-        f"{r['bits_w']}/{r['bits_a']}",
-        f"- test top-1 {_percent(r['test_acc'])}, validation top-1 {_percent(r['val_acc'])}",
-        f"- size {r['size_bytes']:,} bytes ({r['size_source']}), "
-        f"sparsity {_percent(r['sparsity'])}",
-    ]
+    if r.get("size_bits") is not None:
+        ratio = (
+            ""
+            if r.get("compression") is None
+            else f", {r['compression']:.1f}x smaller than float32"
+        )
+        lines.append(f"- size {r['size_bits'] / 8192:.1f} KiB (lowbit.summary){ratio}")
+    if r.get("size_source") == "export":
+        lines.append(f"- exported .lowbit file: {r['size_bytes']:,} bytes")
+    return lines
 
 
 def ttq_section(run_dir: Path, figures: FigureFiles, name: str) -> list[str]:

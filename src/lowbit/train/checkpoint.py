@@ -11,7 +11,9 @@ place with :func:`os.replace` (atomic on POSIX); the JSON goes last, so it is th
 A crash while writing leaves the previous pair untouched. A crash between the two renames leaves
 a new payload beside the old JSON; :func:`load_checkpoint` detects that (and any corruption) by
 the recorded hash and size and raises :class:`CheckpointError` naming the file -- it never reads
-or changes any other file.
+or changes any other file. :func:`load_newest_checkpoint` (what ``--resume`` uses) then falls
+back to the newest *consistent* pair of a checkpoint folder (``last``, else ``best``) and says
+which one it skipped and why.
 
 The helpers :func:`capture_training_state` / :func:`restore_training_state` turn a full training
 state (model, optimizer, scheduler, grad scaler, counters, every RNG) into ``(tensors, meta)`` and
@@ -166,6 +168,44 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except Exception as e:  # the hash matched, so this is a writer bug or a foreign file
         raise CheckpointError(f"checkpoint payload {file} is not valid safetensors: {e}") from e
     return tensors, record["meta"]
+
+
+CHECKPOINT_NAMES = ("last", "best")
+
+
+def _recorded_epoch(path: Path) -> int:
+    """The epoch a pair's JSON records (-1 when unreadable: tried last)."""
+    try:
+        epoch = json.loads(meta_path(path).read_text())["meta"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+    return epoch if isinstance(epoch, int) else -1
+
+
+def load_newest_checkpoint(
+    folder: Path, names: tuple[str, ...] = CHECKPOINT_NAMES
+) -> tuple[Path, dict[str, Tensor], dict[str, Any], list[str]]:
+    """The newest consistent checkpoint among ``folder/<name>``: ``(path, tensors, meta,
+    skipped)``, ``skipped`` saying why each newer pair was passed over (torn, corrupt).
+
+    Pairs are tried by the epoch their JSON records, newest first (``last`` before ``best`` on
+    a tie). FileNotFoundError when the folder holds no pair; CheckpointError when every pair
+    fails, naming each.
+    """
+    folder = Path(folder)
+    present = [folder / n for n in names if meta_path(folder / n).exists()]
+    if not present:
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {meta_path(folder / names[0])}")
+    present.sort(key=_recorded_epoch, reverse=True)  # stable: 'last' first on a tie
+    skipped: list[str] = []
+    for path in present:
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append(f"checkpoint {path.name} is unusable ({err})")
+            continue
+        return path, tensors, meta, skipped
+    raise CheckpointError("cannot resume: " + "; ".join(skipped))
 
 
 # -- nested state dicts <-> (JSON, tensors) ---------------------------------------------------

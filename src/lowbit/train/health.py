@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +31,8 @@ from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..nn import weight_codes
-from ..quant.base import Quantizer
+from ..calibration import activation_quantizers, recording_inputs
+from ..model_summary import weight_zero_counts
 from .distributed import is_main_process
 
 DEFAULT_ZERO_THRESHOLD = 0.99
@@ -66,54 +64,9 @@ def _check_threshold(name: str, value: float) -> float:
     return float(value)
 
 
-@torch.no_grad()
-def weight_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Per quantised layer: ``(zero weights, weights)`` of its quantised weight.
-
-    Zeros are counted on the dequantised codes, ``spec.dequantize(codes) == 0``, so every scheme
-    is judged by the real value it computes with (DoReFa's offset grid has no zero level; a
-    binary layer never has zeros; a ternary or pow2 layer may).
-    """
-    counts: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        found = weight_codes(module)
-        if found is not None:
-            codes, spec = found
-            counts[name] = (int((spec.dequantize(codes) == 0).sum()), codes.numel())
-    return counts
-
-
 def weight_zero_shares(model: nn.Module) -> dict[str, float]:
     """Per quantised layer: the share of its quantised weights that are exactly zero."""
     return {n: z / max(total, 1) for n, (z, total) in weight_zero_counts(model).items()}
-
-
-def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
-    """Activation quantisers by the name of the layer they feed (``x.input_quant`` -> ``x``)."""
-    found: dict[str, Quantizer] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Quantizer) and getattr(module, "role", None) == "activation":
-            layer = name.removesuffix(".input_quant").removesuffix(".quantizer")
-            found[layer or name] = module
-    return found
-
-
-@contextmanager
-def recording_inputs(
-    quantizers: Mapping[str, Quantizer], record: Callable[[str, Tensor], None]
-) -> Iterator[None]:
-    """Inside the ``with`` block, ``record(name, x)`` sees every input ``x`` (detached) that
-    quantiser ``quantizers[name]`` gets; the hooks are removed on exit."""
-
-    def hook_for(name: str) -> Callable[..., None]:
-        return lambda _module, args: record(name, args[0].detach())
-
-    handles = [q.register_forward_pre_hook(hook_for(n)) for n, q in quantizers.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _dominant_share(codes: Tensor) -> float:

@@ -2,8 +2,9 @@
 
 Quantiser scales (TTQ's ``Wp``/``Wn``, LSQ's step ``s``, PACT's clip ``alpha``) are small tensors
 whose size *is* the quantisation grid; weight decay would pull them towards zero for no reason,
-so they are put in a parameter group without it. Methods that want their own penalty (PACT's L2
-on ``alpha``) expose ``regularization()``, which the trainer adds to the loss.
+so every parameter owned by a quantiser module is put in a parameter group without it (found
+by ownership, ``isinstance(module, Quantizer)``, not by name). Methods that want their own
+penalty (PACT's L2 on ``alpha``) expose ``regularization()``, which the trainer adds to the loss.
 """
 
 from __future__ import annotations
@@ -14,32 +15,31 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..quant.base import Quantizer
 from .config import TrainConfig
 
-SCALE_NAMES = ("wp", "wn", "s", "alpha", "step")
-"""Last name component of a quantiser scale (``layer.weight_quant.wp``): TTQ, LSQ, PACT."""
 
-
-def is_quantizer_scale(name: str, tensor: Tensor) -> bool:
-    """True for a 0-d or 1-d tensor whose name ends in one of :data:`SCALE_NAMES`.
-
-    A lazily shaped (uninitialised) parameter, like LSQ's per-channel step before the first
-    forward, counts as 1-d.
-    """
-    if name.rsplit(".", 1)[-1] not in SCALE_NAMES:
-        return False
-    return isinstance(tensor, nn.parameter.UninitializedParameter) or tensor.dim() <= 1
+def quantizer_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer owned by a quantiser module (``isinstance(m, Quantizer)``),
+    by qualified name: TTQ's ``Wp``/``Wn``, LSQ's step, PACT's ``alpha``, observers' state."""
+    found: dict[str, Tensor] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            for name, t in (*module.named_parameters(), *module.named_buffers()):
+                found.setdefault(f"{prefix}.{name}" if prefix else name, t)
+    return found
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: quantiser scales without weight decay, everything else with it.
-
-    Parameters with ``requires_grad=False`` are left out; empty groups are dropped.
+    """Two optimizer groups: quantiser parameters (their scales) without weight decay,
+    everything else with it. Parameters with ``requires_grad=False`` are left out; empty groups
+    are dropped.
     """
+    owned = {id(t) for t in quantizer_tensors(model).values()}
     scales, others = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (scales if is_quantizer_scale(name, p) else others).append(p)
+            (scales if id(p) in owned else others).append(p)
     groups = [
         {"params": others, "weight_decay": weight_decay},
         {"params": scales, "weight_decay": 0.0},

@@ -18,13 +18,12 @@ import csv
 import json
 import math
 from collections.abc import Mapping
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .optim import is_quantizer_scale
+from .optim import quantizer_tensors
 
 COLUMNS = (
     "epoch",
@@ -39,14 +38,13 @@ COLUMNS = (
 
 
 def quantizer_scalars(model: nn.Module) -> dict[str, float]:
-    """Every initialised 0-d parameter or buffer named like a quantiser scale, by full name."""
-    found = chain(model.named_parameters(), model.named_buffers())
+    """Every initialised 0-d floating-point parameter or buffer of a quantiser, by full name."""
     return {
         name: float(t.detach())
-        for name, t in found
-        if is_quantizer_scale(name, t)
-        and not isinstance(t, nn.parameter.UninitializedTensorMixin)
+        for name, t in quantizer_tensors(model).items()
+        if not isinstance(t, nn.parameter.UninitializedTensorMixin)
         and t.dim() == 0
+        and t.is_floating_point()
     }
 
 

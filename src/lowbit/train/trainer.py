@@ -40,13 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
@@ -54,8 +47,7 @@ from ..data.datasets import mix_seed
 from . import distributed
 from .checkpoint import (
     capture_training_state,
-    load_checkpoint,
-    meta_path,
+    load_newest_checkpoint,
     restore_training_state,
     save_checkpoint,
 )
@@ -63,11 +55,16 @@ from .comm import CommState, register
 from .config import TrainConfig
 from .distributed import is_main_process
 from .optim import build_optimizer, build_scheduler, regularizers
+from .progress import EpochProgress, epoch_line
 from .runlog import RunLog, quantizer_scalars
+
+DIVERGENCE_FACTOR = 1e6
+"""A finite loss above this multiple of the run's first loss counts as diverged."""
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; no checkpoint of that state was written."""
+    """The training loss became NaN, infinite, or :data:`DIVERGENCE_FACTOR` times its first
+    value; no checkpoint of that state was written."""
 
     def __init__(self, message: str, epoch: int, step: int) -> None:
         super().__init__(message)
@@ -201,6 +198,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken
         self.best_val_acc: float | None = None
         self.best_epoch: int | None = None
+        self.first_loss: float | None = None  # the run's first finite training loss
         self._train_time_s = 0.0  # time inside training loops, all sessions
         self._wall_time_s = 0.0  # wall time of earlier sessions (resume)
         self._last_val: dict[str, float] | None = None
@@ -300,13 +298,12 @@ class Trainer:
         loss_sum, correct, n, lr = 0.0, 0.0, 0, math.nan
         sent = (self.comm.bytes_sent, self.comm.fp32_bytes) if self.comm is not None else None
         start = time.perf_counter()
-        with self._progress(epoch) as progress:
-            task = progress.add_task("train", total=len(loader), loss=math.nan, acc=math.nan, lr=0)
+        with self._progress(epoch, len(loader)) as progress:
             for step, (x, y) in enumerate(loader, 1):
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, right, size = self._train_step(x, y, epoch, step)
                 loss_sum, correct, n = loss_sum + loss * size, correct + right, n + size
-                progress.update(task, advance=1, loss=loss_sum / n, acc=correct / n, lr=lr)
+                progress.update(step, loss_sum / n, correct / n, lr)
         elapsed = time.perf_counter() - start
         self._train_time_s += elapsed
         step_ms = 1e3 * elapsed / len(loader)
@@ -330,14 +327,7 @@ class Trainer:
             loss = self.loss_fn(out, y)
             total = loss + sum(r() for r in self._regularizers)
         loss_value, total_value, right, size = self._step_stats(out, y, loss, total)
-        if not math.isfinite(total_value):
-            raise TrainingDiverged(
-                f"training diverged: loss is {total_value} at epoch {epoch}, step {step} of "
-                f"{self.steps_per_epoch} (global step {self.global_step + 1}); the last good "
-                f"checkpoint is kept in {self.checkpoint_dir}",
-                epoch,
-                step,
-            )
+        self._check_divergence(total_value, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             total.backward()
@@ -354,6 +344,25 @@ class Trainer:
         if self._ddp is not None:
             distributed.sync_buffers(self.model)
         return loss_value, right, size
+
+    def _check_divergence(self, loss: float, epoch: int, step: int) -> None:
+        """Raise TrainingDiverged on a NaN/Inf loss or one DIVERGENCE_FACTOR x the first."""
+        if self.first_loss is None and math.isfinite(loss):
+            self.first_loss = loss
+        bound = None if not self.first_loss else DIVERGENCE_FACTOR * abs(self.first_loss)
+        if math.isfinite(loss) and (bound is None or loss <= bound):
+            return
+        first = self.first_loss
+        why = f"loss is {loss}"
+        if math.isfinite(loss):
+            why = f"loss {loss:.3g} is over {DIVERGENCE_FACTOR:g} times the first ({first:.3g})"
+        raise TrainingDiverged(
+            f"training diverged: {why} at epoch {epoch}, step {step} of "
+            f"{self.steps_per_epoch} (global step {self.global_step + 1}); the last good "
+            f"checkpoint is kept in {self.checkpoint_dir}",
+            epoch,
+            step,
+        )
 
     def _step_stats(
         self, out: Tensor, y: Tensor, loss: Tensor, total: Tensor
@@ -427,6 +436,7 @@ class Trainer:
             global_step=self.global_step,
             best_val_acc=self.best_val_acc,
             best_epoch=self.best_epoch,
+            first_loss=self.first_loss,
             train_time_s=self._train_time_s,
             wall_time_s=wall_time_s,
             config=self.config.to_dict(),
@@ -434,10 +444,13 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir / name, tensors, meta)
 
     def _resume(self) -> None:
-        path = self.checkpoint_dir / "last"
-        if not meta_path(path).exists():
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {meta_path(path)}")
-        tensors, meta = load_checkpoint(path)
+        """Continue from the newest consistent checkpoint (``last``, else ``best``, said so)."""
+        path, tensors, meta, skipped = load_newest_checkpoint(self.checkpoint_dir)
+        if skipped and is_main_process():
+            self.console.print(
+                f"[yellow]warning:[/] {'; '.join(skipped)}; resuming from {path.name} "
+                f"(epoch {meta['epoch']}) instead"
+            )
         counters = restore_training_state(
             tensors, meta, self.model, self.optimizer, self.scheduler, self.scaler
         )
@@ -445,6 +458,7 @@ class Trainer:
         self.global_step = counters["global_step"]
         self.best_val_acc = counters["best_val_acc"]
         self.best_epoch = counters["best_epoch"]
+        self.first_loss = counters.get("first_loss")
         self._train_time_s = counters["train_time_s"]
         self._wall_time_s = counters["wall_time_s"]
         changed = _changed_keys(counters["config"], self.config.to_dict())
@@ -520,34 +534,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=torch.float16)
 
-    def _progress(self, epoch: int) -> Progress:
-        """A per-epoch bar (loss, running accuracy, lr); silent off a terminal or off rank 0."""
-        return Progress(
-            TextColumn(f"epoch {epoch}/{self.config.epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
-            TextColumn("lr {task.fields[lr]:.3g}"),
-            TimeElapsedColumn(),
-            console=self.console,
-            disable=not (self.console.is_terminal and is_main_process()),
+    def _progress(self, epoch: int, steps: int) -> EpochProgress:
+        """The epoch's progress: a bar on a terminal, plain lines in logs; silent off rank 0."""
+        return EpochProgress(
+            self.console, epoch, self.config.epochs, steps, enabled=is_main_process()
         )
 
     def _print_epoch(self, m: Mapping[str, Any]) -> None:
         """One line per epoch, also in CI logs."""
-        if not is_main_process():
-            return
-        val = ""
-        if m["val_acc"] is not None:
-            val = f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}"
-        if "comm_ratio" in m:
-            val += f"  comm {m['comm_bytes'] / 1024:.1f} KiB/step ({m['comm_ratio']:.1f}x)"
-        self.console.print(
-            f"epoch {m['epoch']}/{self.config.epochs}  train loss {m['train_loss']:.4f} "
-            f"acc {m['train_acc']:.4f}{val}  lr {m['lr']:.3g}  {m['epoch_time_s']:.1f}s",
-            soft_wrap=True,
-            highlight=False,
-        )
+        if is_main_process():
+            self.console.print(epoch_line(m, self.config.epochs), soft_wrap=True, highlight=False)
 
 
 def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
