@@ -38,7 +38,6 @@ from lowbit.models.resnet import ShortcutA
 from lowbit.nn import layer_weight_bias, weight_codes
 from lowbit.quant.base import QuantSpec
 from lowbit.runtime import Graph, Model, Node, graph_from_bytes, load, load_graph
-from lowbit.train.checkpoint import save_checkpoint
 
 IN_SHAPE = (1, 16, 16)
 # Per-token activation scales (BitNet, absmax) have no runtime/ONNX form yet (issue 14); their

@@ -22,9 +22,9 @@ import lowbit
 from conftest import TINY as SHARED
 from lowbit.bench.config import bench_names, load_bench
 from lowbit.convert import PartialQuantizationWarning
+from lowbit.export.onnx import PREPROCESS_KEY
 from lowbit.models import create_model
 from lowbit.recipe import RecipeError
-from lowbit.export.onnx import PREPROCESS_KEY
 from lowbit.runs import export_run, load_run, read_results, run_preprocess
 from lowbit.runtime import load
 from lowbit.yamlio import load_yaml

@@ -168,10 +168,14 @@ def results_table(
         bits = "-" if r.get("bits_w") is None else f"{r['bits_w']:g}/{r['bits_a']}"
         compression = r.get("compression")
         fp_bpb = r.get("fp", {}).get("test", {}).get("bpb")
-        bpb = [] if not lm else [
-            "-" if fp_bpb is None else f"{fp_bpb:.4f}",
-            "-" if r.get("test_bpb") is None else f"{r['test_bpb']:.4f}",
-        ]
+        bpb = (
+            []
+            if not lm
+            else [
+                "-" if fp_bpb is None else f"{fp_bpb:.4f}",
+                "-" if r.get("test_bpb") is None else f"{r['test_bpb']:.4f}",
+            ]
+        )
         table.add_row(
             label,
             str(r.get("model", "?")),

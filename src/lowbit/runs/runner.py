@@ -13,31 +13,33 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from ..preflight import CheckReport, check
 from ..convert import quantize
 from ..data import DatasetSplits
 from ..models import model_task
+from ..preflight import CheckReport, check
+from ..term import print_table
 from ..train.checkpoint import CHECKPOINT_NAMES, meta_path
 from ..train.config import TrainConfig
 from ..train.distributed import is_main_process
 from ..train.experiment import Experiment, build_model, load_data
 from ..train.health import QuantHealthCallback
 from ..train.lm import add_lm_metrics, task_loss
-from ..term import print_table
 from ..train.trainer import Trainer
 from .folder import final_checkpoint, load_weights, preprocess_of, write_run_files
 from .results import HEALTH_BATCH, elapsed, measure, results_table, write_results
 
 
-def check_experiment(exp: Experiment, model: nn.Module, in_shape: tuple[int, ...]) -> CheckReport | None:
+def check_experiment(
+    exp: Experiment, model: nn.Module, in_shape: tuple[int, ...]
+) -> CheckReport | None:
     """:func:`lowbit.check` of the experiment's recipe on its float model (None: no recipe)."""
     return None if exp.quant is None else check(model, exp.quant, example_input=in_shape)
 
