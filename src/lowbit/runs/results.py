@@ -162,7 +162,7 @@ def results_table(
     lm = any("test_bpb" in r for _, r in runs)  # language models: bits per byte too
     if lm:
         table.add_column("float test bpb", justify="right")
-        table.add_column("test bpb", justify="right")
+        table.add_column("quantised test bpb", justify="right")
     for label, r in runs:
         fp = r.get("fp", {}).get("test", {}).get("acc")
         bits = "-" if r.get("bits_w") is None else f"{r['bits_w']:g}/{r['bits_a']}"
