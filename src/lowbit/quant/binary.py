@@ -5,7 +5,9 @@ gradient straight through the sign inside the hardtanh range (METHODS.md, "Binar
 
     forward  b = sign(x)                 backward  dx = g * 1{|x| <= 1}
 
-The STE is :func:`lowbit.quant.functional.straight_through` with the mask :func:`hardtanh_mask`.
+The deterministic ones run the fused operator ``lowbit::sign_ste`` (:mod:`lowbit.quant.ops`:
+``scale * sign(x)`` and its masked gradient, one pass each); BinaryConnect's random draw uses
+:func:`lowbit.quant.functional.straight_through` with the mask :func:`hardtanh_mask`.
 :func:`sign_levels` and :func:`binary_spec` also serve DoReFa's 1-bit weights
 (:mod:`lowbit.quant.dorefa`).
 """
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view
 from .functional import (
     MAX_SEED,
@@ -88,7 +91,7 @@ class SignBNN(Quantizer):
         self.bits = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return ops.sign_ste(x, scalar_like(x, 1.0))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(x)`` in ``{-1, +1}``, scale 1."""
@@ -130,7 +133,7 @@ class XNORWeight(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         alpha = channel_view(_filter_means(x), x.dim(), 0)
-        return alpha * straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return alpha * ops.sign_ste(x, scalar_like(x, 1.0))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(W)``; scale ``alpha`` of shape [C_out] along axis 0."""
@@ -162,7 +165,7 @@ class XNORActivation(Quantizer):
         return x.detach().abs().mean(dim=dims, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._beta(x) * straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return ops.sign_ste(x, self._beta(x))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(x)``; scale ``beta`` broadcastable to ``x`` (``axis=None``)."""
@@ -203,8 +206,10 @@ class BinaryConnect(SeededRandom, Quantizer):
         return _plus_minus_one(self.uniform_like(wd) < p, wd)
 
     def forward(self, x: Tensor) -> Tensor:
-        levels = self._sample(x) if self.training else sign_levels(x)
-        return straight_through(x, levels, hardtanh_mask(x))
+        if not self.training:
+            self.rng_state(x.device)  # created in eval too, so a compiled training step finds it
+            return ops.sign_ste(x, scalar_like(x, 1.0))
+        return straight_through(x, self._sample(x), hardtanh_mask(x))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """The deterministic (evaluation) codes ``sign(w)``, scale 1.
