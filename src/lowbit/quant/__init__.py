@@ -1,7 +1,8 @@
 """Quantisers, one module per family, registered under string names (see ``registry``)."""
 
-from . import affine, binary, dorefa, functional, lsq, pact, pow2, stochastic, ternary
+from . import affine, binary, dorefa, functional, lsq, ops, pact, pow2, stochastic, ternary
 from .base import Quantizer, QuantSpec, scale_grad
+from .lazy_init import initialize
 from .registry import create, get, methods, register, roles_of
 
 __all__ = [
@@ -13,8 +14,10 @@ __all__ = [
     "dorefa",
     "functional",
     "get",
+    "initialize",
     "lsq",
     "methods",
+    "ops",
     "pact",
     "pow2",
     "register",
