@@ -187,9 +187,10 @@ class BinaryConnect(SeededRandom, Quantizer):
     (drawn as ``u < p`` with ``u ~ U[0, 1)``). Evaluation mode: deterministic ``sign(w)`` with
     ``sign(0) = +1``. Backward: hardtanh STE ``dw = g * 1{|w| <= 1}`` in both modes.
 
-    The random numbers come from a :class:`torch.Generator` owned by the module, seeded with
-    ``seed`` and created on the first training forward on the input's device (re-created, and so
-    re-seeded, if the input moves to another device). ``latent_range = (-1, 1)``.
+    The random numbers come from the module's own stream (:class:`SeededRandom`): that of a
+    :class:`torch.Generator` seeded with ``seed``, created on the first forward on the input's
+    device (re-created, and so re-seeded, if the input moves to another device).
+    ``latent_range = (-1, 1)``.
     """
 
     latent_range = (-1.0, 1.0)

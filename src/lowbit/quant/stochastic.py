@@ -33,9 +33,9 @@ class StochasticRounding(SeededRandom, Quantizer):
     ``QP = 2^(b-1) - 1``.
 
     * training: ``c = floor(x/s) + Bernoulli(x/s - floor(x/s))``, an unbiased rounding
-      (``E[c] = x/s``), clipped to ``[-QN, QP]``; the Bernoulli draws come from a
-      ``torch.Generator`` owned by the module, seeded with ``seed`` and created on the first
-      call on the input's device (created afresh, from ``seed`` again, if the device changes);
+      (``E[c] = x/s``), clipped to ``[-QN, QP]``; the Bernoulli draws come from the
+      module's own stream (:class:`SeededRandom`: a ``torch.Generator``'s, seeded with ``seed``,
+      created on the first call on the input's device, afresh if the device changes);
     * evaluation: ``c = round(x/s)`` (half to even), deterministic.
 
     Output ``s * c``; backward is straight-through (identity to ``x``; ``s`` gets no gradient).
