@@ -74,6 +74,22 @@ def test_kernels_equal_formulas(
         assert_same(*both_paths(call, monkeypatch))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_affine_quant_equals_pytorch_fake_quant(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, g = data((5, 2, 3, 4), dtype), data((5, 2, 3, 4), dtype, seed=2)
+    x.view(-1)[5] = float("nan")
+    scale, zp = torch.tensor(0.037), torch.tensor(131, dtype=torch.int32)
+    want = torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+    xr = x.clone().requires_grad_()
+    (want_dx,) = grads(torch.fake_quantize_per_tensor_affine(xr, scale, zp, 0, 255), g, xr)
+    for y in both_paths(lambda: ops.affine_quant(x, scale, zp, 0, 255), monkeypatch):
+        assert torch.equal(y, want)
+    for dx in both_paths(lambda: ops.affine_quant_backward(g, x, scale, zp, 0, 255), monkeypatch):
+        assert torch.equal(dx, want_dx)
+
+
 def test_layouts_the_kernels_do_not_take_use_the_formulas() -> None:
     x = data((4, 6), torch.float32)
     s = scale((1, 6), torch.float32)  # a per-column scale: not a kernel layout
@@ -158,10 +174,11 @@ def opcheck_cases() -> list[tuple[object, tuple[object, ...]]]:
         (ops.sign_ste_backward, (g, x.detach(), beta)),
         (ops.stochastic_round, (x, u, s.detach(), 8, 7)),
         (ops.uniform_from_state, (g, torch.Generator().manual_seed(0).get_state())),
+        (ops.affine_quant, (x, s.detach(), torch.tensor(3, dtype=torch.int32), 0, 255)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case: int) -> None:
     op, args = opcheck_cases()[case]
     torch.library.opcheck(op, args)

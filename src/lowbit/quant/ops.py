@@ -11,6 +11,8 @@ pass over the data:
   BinaryConnect);
 * ``lowbit::stochastic_round`` -- ``clamp(floor(x * inv + u), -qn, qp) * s`` (stochastic
   rounding; identity STE, so it needs no backward operator);
+* ``lowbit::affine_quant``     -- PyTorch's per-tensor affine fake quantisation, same values
+  (affine activations; PyTorch's CPU kernel for it is several times slower);
 * ``lowbit::uniform_from_state`` -- ``u ~ U[0, 1)`` from a generator state held in a tensor, which
   the op advances in place: the random stream of a quantiser is module state that compiled graphs
   carry like a buffer.
@@ -38,6 +40,7 @@ from . import ops_reference as ref
 from .native import native_kernels
 
 __all__ = [
+    "affine_quant",
     "clipped_uniform",
     "lsq_quant",
     "sign_ste",
@@ -251,6 +254,57 @@ def _identity_backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None, N
 
 
 stochastic_round.register_autograd(_identity_backward)
+
+
+# --------------------------------------------------------------------------- affine
+@torch.library.custom_op("lowbit::affine_quant", mutates_args=())
+def affine_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``S (clamp(round(x / S) + Z, qmin, qmax) - Z)`` per tensor: the values of PyTorch's
+    ``fake_quantize_per_tensor_affine`` (``scale`` float32, ``zero_point`` int32, 0-d)."""
+    nat = _native(x, scale) if x.dtype == torch.float32 else None
+    if nat is None:
+        return ref.affine_quant_with_mask(x, scale, zero_point, qmin, qmax)[0]
+    return nat[0].affine_quant(x, _c(1.0 / scale), _c(scale), _zp(zero_point), qmin, qmax)
+
+
+@affine_quant.register_fake
+def _(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowbit::affine_quant_backward", mutates_args=())
+def affine_quant_backward(
+    g: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
+) -> Tensor:
+    """``g`` where ``qmin <= round(x / S) + Z <= qmax``, else 0 (the clipping STE)."""
+    nat = _native(x, scale, g) if x.dtype == torch.float32 else None
+    if nat is None:
+        return g * ref.affine_quant_with_mask(x, scale, zero_point, qmin, qmax)[1]
+    lib = nat[0]
+    return lib.affine_backward(g.contiguous(), x, _c(1.0 / scale), _zp(zero_point), qmin, qmax)
+
+
+@affine_quant_backward.register_fake
+def _(g: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    return torch.empty_like(g)
+
+
+def _zp(zero_point: Tensor) -> Tensor:
+    return zero_point.detach().to(torch.float32).contiguous()
+
+
+def _affine_setup(ctx: Any, inputs: Sequence[Any], output: Tensor) -> None:
+    x, scale, zero_point, qmin, qmax = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.bounds = (qmin, qmax)
+
+
+def _affine_backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    x, scale, zero_point = ctx.saved_tensors
+    return affine_quant_backward(g, x, scale, zero_point, *ctx.bounds), None, None, None, None
+
+
+affine_quant.register_autograd(_affine_backward, setup_context=_affine_setup)
 
 
 # --------------------------------------------------------------------------- randomness

@@ -7,6 +7,7 @@ as the unfused quantiser did, so values are bit for bit those of the formula.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -51,3 +52,14 @@ def sign_ste_backward(g: Tensor, x: Tensor, scale: Tensor) -> Tensor:
 def stochastic_round(x: Tensor, u: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
     """``s * clamp(floor(x * (1 / s) + u), -qn, qp)``."""
     return s * (x * (1.0 / s)).add_(u).floor_().clamp_(-qn, qp)
+
+
+def affine_quant_with_mask(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's per-tensor affine fake quantisation ``S (clamp(round(x / S) + Z, qmin, qmax) - Z)``
+    and its gradient mask ``qmin <= round(x / S) + Z <= qmax`` (PyTorch's own kernel)."""
+    enabled = torch.ones((), dtype=torch.long, device=x.device)
+    op = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams
+    y, mask = op(x, scale, zero_point, enabled, qmin, qmax)
+    return y, mask

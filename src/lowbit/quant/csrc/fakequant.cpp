@@ -182,7 +182,58 @@ void stochastic_impl(const Tensor& x, const Tensor& u, const Tensor& inv, const 
   });
 }
 
+// PyTorch's per-tensor affine fake quantisation (fake_quantize_per_tensor_affine on CPU):
+// q = zp + nearbyint(x * inv) (inv = 1 / scale in float), clamped with fmin/fmax (NaN goes to
+// qmin, as there), output (q - zp) * scale; the gradient mask is qmin <= q <= qmax before the clamp.
+void affine_impl(const Tensor& x, const Tensor& inv, const Tensor& scale, const Tensor& zp,
+                 Tensor& y, float qmin, float qmax, const Layout& L) {
+  const float *xp = ptr<float>(x), *ip = ptr<float>(inv), *sp = ptr<float>(scale),
+              *zpp = ptr<float>(zp);
+  float* yp = y.mutable_data_ptr<float>();
+  for_rows(L, [&](int64_t i, int64_t n, int64_t si) {
+    const float iv = ip[si], sc = sp[si], z = zpp[si];
+    const float *xr = xp + i;
+    float* yr = yp + i;
+    for (int64_t j = 0; j < n; ++j) {
+      const float q = std::fmin(std::fmax(z + std::nearbyint(xr[j] * iv), qmin), qmax);
+      yr[j] = (q - z) * sc;
+    }
+  });
+}
+
+void affine_backward_impl(const Tensor& g, const Tensor& x, const Tensor& inv, const Tensor& zp,
+                          Tensor& dx, float qmin, float qmax, const Layout& L) {
+  const float *gp = ptr<float>(g), *xp = ptr<float>(x), *ip = ptr<float>(inv),
+              *zpp = ptr<float>(zp);
+  float* dp = dx.mutable_data_ptr<float>();
+  for_rows(L, [&](int64_t i, int64_t n, int64_t si) {
+    const float iv = ip[si], z = zpp[si];
+    const float *gr = gp + i, *xr = xp + i;
+    float* dr = dp + i;
+    for (int64_t j = 0; j < n; ++j) {
+      const float q = z + std::nearbyint(xr[j] * iv);
+      dr[j] = gr[j] * static_cast<float>(qmin <= q && q <= qmax);
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------ entry points
+Tensor affine_quant(const Tensor& x, const Tensor& inv, const Tensor& scale, const Tensor& zp,
+                    int64_t qmin, int64_t qmax) {
+  const Layout L = layout(x, 1, x.numel(), false);
+  Tensor y = at::empty_like(x);
+  affine_impl(x, inv, scale, zp, y, float(qmin), float(qmax), L);
+  return y;
+}
+
+Tensor affine_backward(const Tensor& g, const Tensor& x, const Tensor& inv, const Tensor& zp,
+                       int64_t qmin, int64_t qmax) {
+  const Layout L = layout(x, 1, x.numel(), false);
+  Tensor dx = at::empty_like(x);
+  affine_backward_impl(g, x, inv, zp, dx, float(qmin), float(qmax), L);
+  return dx;
+}
+
 Tensor lsq_quant(const Tensor& x, const Tensor& inv, const Tensor& s, int64_t qn, int64_t qp,
                  int64_t mid, int64_t inner, bool vec) {
   const Layout L = layout(x, mid, inner, vec);
@@ -263,4 +314,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_ste", &sign_ste);
   m.def("sign_backward", &sign_backward);
   m.def("stochastic_round", &stochastic_round);
+  m.def("affine_quant", &affine_quant);
+  m.def("affine_backward", &affine_backward);
 }
