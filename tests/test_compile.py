@@ -111,14 +111,29 @@ def test_bf16_autocast_training_step_is_finite(method: str) -> None:
         assert p.grad is None or bool(torch.isfinite(p.grad).all()), name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["lsq", "ttq", "stochastic"])
-def test_compiled_training_follows_eager(method: str) -> None:
-    """20 SGD steps of LeNet-5: the inductor-compiled model's losses are the eager ones."""
+def trajectories(method: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses of 20 SGD steps of LeNet-5, eager and compiled with ``backend``, from one state."""
     model, x = quantised("lenet5", method, batch=16)
     twin = copy.deepcopy(model)
     dynamo.reset()
     eager = torch.stack(compiled_steps(model.train(), x, 20))
-    compiled = torch.stack(compiled_steps(twin.train(), x, 20, backend="inductor"))
-    assert not torch.equal(eager[0], eager[-1])  # it trains
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    compiled = torch.stack(compiled_steps(twin.train(), x, 20, backend=backend))
+    assert eager[-1] < 0.5 * eager[0]  # it trains
+    return eager, compiled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lsq", "ttq", "stochastic", "affine"])
+def test_compiled_graph_trains_exactly_as_eager(method: str) -> None:
+    """The traced graph (fake kernels, registered autograd, random-stream state, counters) runs
+    the eager computation: same losses for 20 steps (``aot_eager`` runs the traced ops as is)."""
+    eager, compiled = trajectories(method, "aot_eager")
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_inductor_training_follows_eager() -> None:
+    """Inductor reorders float sums, and a quantiser's rounding can turn an ulp into a step, so
+    the trajectories agree to a few percent, not to the ulp."""
+    eager, compiled = trajectories("lsq", "inductor")
+    torch.testing.assert_close(compiled, eager, rtol=0.05, atol=1e-5)

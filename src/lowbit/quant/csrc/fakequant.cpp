@@ -183,8 +183,8 @@ void stochastic_impl(const Tensor& x, const Tensor& u, const Tensor& inv, const 
 }
 
 // PyTorch's per-tensor affine fake quantisation (fake_quantize_per_tensor_affine on CPU):
-// q = zp + nearbyint(x * inv) (inv = 1 / scale in float), clamped with fmin/fmax (NaN goes to
-// qmin, as there), output (q - zp) * scale; the gradient mask is qmin <= q <= qmax before the clamp.
+// q = zp + nearbyint(x * inv) (inv = 1 / scale in float), clamped as fmin/fmax clamp (NaN goes
+// to qmin, as there), output (q - zp) * scale; the gradient mask is qmin <= q <= qmax before the clamp.
 void affine_impl(const Tensor& x, const Tensor& inv, const Tensor& scale, const Tensor& zp,
                  Tensor& y, float qmin, float qmax, const Layout& L) {
   const float *xp = ptr<float>(x), *ip = ptr<float>(inv), *sp = ptr<float>(scale),
@@ -195,7 +195,9 @@ void affine_impl(const Tensor& x, const Tensor& inv, const Tensor& scale, const 
     const float *xr = xp + i;
     float* yr = yp + i;
     for (int64_t j = 0; j < n; ++j) {
-      const float q = std::fmin(std::fmax(z + std::nearbyint(xr[j] * iv), qmin), qmax);
+      float q = z + std::nearbyint(xr[j] * iv);
+      q = q >= qmin ? q : qmin;  // std::fmax(q, qmin): NaN becomes qmin
+      q = q <= qmax ? q : qmax;
       yr[j] = (q - z) * sc;
     }
   });
@@ -212,7 +214,7 @@ void affine_backward_impl(const Tensor& g, const Tensor& x, const Tensor& inv, c
     float* dr = dp + i;
     for (int64_t j = 0; j < n; ++j) {
       const float q = z + std::nearbyint(xr[j] * iv);
-      dr[j] = gr[j] * static_cast<float>(qmin <= q && q <= qmax);
+      dr[j] = gr[j] * static_cast<float>((qmin <= q) & (q <= qmax));
     }
   });
 }
