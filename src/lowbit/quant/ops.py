@@ -21,7 +21,7 @@ The scale operands (``inv``, ``s``, ``a``, ``step``, ``scale``) are tensors that
 ``x``; callers compute them from the quantiser's parameters with the same torch expressions as
 the unfused formula, so forward values are the formula's bit for bit.
 
-Kernels: on CPU for float32 and float64 the ops run the C++ kernels of ``csrc/fakequant.cpp``,
+Kernels: on CPU for float32 and float64 (``affine_quant``: float32) the ops run the C++ kernels of ``csrc/fakequant.cpp``,
 compiled on first use with ``torch.utils.cpp_extension.load`` and cached (see
 :func:`native_kernels`); everywhere else (GPU, bfloat16/float16, or where no compiler is
 available, or with ``LOWBIT_FAKEQUANT_NATIVE=0``) they run the reference formulas in torch
@@ -54,6 +54,8 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 def _layout(x: Tensor, scale: Tensor) -> tuple[int, int, bool] | None:
     """``(mid, inner, vec)``: how the kernels index ``scale`` broadcast to ``x`` (see
     ``csrc/fakequant.cpp``), or None for a broadcast they do not handle."""
+    if x.numel() == 0:
+        return None
     if scale.numel() == 1:
         return 1, x.numel(), False
     if x.dim() < 2 or scale.dim() != x.dim() or scale.shape[0] != x.shape[0] or scale.shape[1] != 1:
