@@ -22,8 +22,8 @@ The scale operands (``inv``, ``s``, ``a``, ``step``, ``scale``) are tensors that
 the unfused formula, so forward values are the formula's bit for bit.
 
 Kernels: on CPU for float32 and float64 (``affine_quant``: float32) the ops run the C++ kernels
-of ``csrc/fakequant.cpp``, compiled on first use with ``torch.utils.cpp_extension.load`` and cached (see
-:func:`native_kernels`); everywhere else (GPU, bfloat16/float16, or where no compiler is
+of ``csrc/fakequant.cpp``, compiled on first use with ``torch.utils.cpp_extension.load`` and
+cached (see :func:`native_kernels`); everywhere else (GPU, bfloat16/float16, or where no compiler is
 available, or with ``LOWBIT_FAKEQUANT_NATIVE=0``) they run the reference formulas in torch
 (:mod:`lowbit.quant.ops_reference`), which is also what the tests compare the kernels with.
 """
