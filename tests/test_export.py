@@ -7,8 +7,11 @@ the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from torch import nn
 import lowbit
 import lowbit.export
 from lowbit.export import (
+    ExportError,
     build_graph,
     build_graph_with_values,
     export,
@@ -36,7 +40,6 @@ from lowbit.models.resnet import ShortcutA
 from lowbit.nn import layer_weight_bias, weight_codes
 from lowbit.quant.base import QuantSpec
 from lowbit.runtime import Graph, Model, Node, graph_from_bytes, load, load_graph
-from lowbit.runtime.executor import dequantize
 from lowbit.train.checkpoint import save_checkpoint
 
 IN_SHAPE = (1, 16, 16)
@@ -160,9 +163,7 @@ def test_round_trip_stores_codes_not_latent_weights(method: str, tmp_path: Path)
         quantised += 1
         codes, spec = found
         np.testing.assert_array_equal(node.weight_codes, codes.numpy())
-        assert node.weight_spec["scheme"] == spec.scheme
-        assert (node.weight_spec["qmin"], node.weight_spec["qmax"]) == (spec.qmin, spec.qmax)
-        np.testing.assert_array_equal(node.weight_spec["scale"], spec.scale.numpy())
+        assert node.weight_spec == spec.to_contract()
         # only packed codes are stored, at the METHODS.md size
         assert entry["packing"] != "float32"
         raw = stored[f"{node.name}.weight"]
@@ -173,7 +174,7 @@ def test_round_trip_stores_codes_not_latent_weights(method: str, tmp_path: Path)
         with torch.no_grad():
             module.weight_quant.eval()
             fake = module.weight_quant(weight).numpy()
-        np.testing.assert_array_equal(dequantize(node.weight_codes, node.weight_spec), fake)
+        np.testing.assert_array_equal(node.weight_spec.dequantize(node.weight_codes), fake)
     assert quantised >= 1
     assert header["format"] == "lowbit" and header["version"] == 1
     assert header["num_classes"] == 10 and header["input_shape"] == [None, *IN_SHAPE]
@@ -286,24 +287,24 @@ def test_spec_and_codes_round_trip(scheme, bits, out, k, per_channel, asymmetric
         "linear",
         ["input"],
         weight_codes=codes.astype(np.int32),
-        weight_spec=lowbit.export.spec_to_numpy(spec),
+        weight_spec=spec.to_contract(),
         bias=rng.normal(size=out).astype(np.float32),
     )
-    graph = Graph(["input"], [None, k], [node], ["fc"], {"shapes": {"fc": [None, out]}})
+    graph = Graph(["input"], [None, k], [node], ["fc"])
     data = graph_to_bytes(graph, ternary_layout=layout)
     back = graph_from_bytes(data).nodes[0]
     np.testing.assert_array_equal(back.weight_codes, codes)
     for key in ("scheme", "bits", "qmin", "qmax", "axis", "signed"):
-        assert back.weight_spec[key] == getattr(spec, key)
+        assert getattr(back.weight_spec, key) == getattr(spec, key)
     for key in ("scale", "zero_point", "scale_neg"):
         want = getattr(spec, key)
-        got = back.weight_spec[key]
+        got = getattr(back.weight_spec, key)
         assert (got is None) == (want is None)
         if want is not None:
             np.testing.assert_array_equal(got, want.numpy())
     np.testing.assert_array_equal(back.bias, node.bias)
     torch_values = spec.dequantize(torch.from_numpy(codes)).numpy()
-    np.testing.assert_array_equal(dequantize(back.weight_codes, back.weight_spec), torch_values)
+    np.testing.assert_array_equal(back.weight_spec.dequantize(back.weight_codes), torch_values)
     (stored,) = (v for n, v in safetensors.numpy.load(data).items() if n == "fc.weight")
     assert stored.size == expected_nbytes(spec, out * k, layout)
 
@@ -409,11 +410,71 @@ def test_write_is_atomic(tmp_path: Path) -> None:
     graph = build_graph(quantized_net("bnn"), IN_SHAPE)
     write_graph(graph, path)
     original = path.read_bytes()
-    broken = Graph(["input"], [None, 4], [Node("fc", "linear", ["nope"])], ["fc"])
-    with pytest.raises(ValueError):
+    fc = Node("fc", "linear", ["nope"], weight_float=np.ones((2, 4), np.float32))
+    broken = Graph(["input"], [None, 4], [fc], ["fc"])
+    with pytest.raises(ValueError, match="'nope' is not defined"):
         write_graph(broken, path)
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["m.lowbit"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_have_normal_permissions(tmp_path: Path, umask: int) -> None:
+    """0o666 less the umask, as any program's files, not mkstemp's private 0o600."""
+    graph = build_graph(quantized_net("bnn"), IN_SHAPE)
+    old = os.umask(umask)
+    try:
+        path = write_graph(graph, tmp_path / "new" / "deep" / "m.lowbit")  # folders created
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def _fail_with(code: int):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+class _FullDisk:
+    """``os.fdopen`` whose file refuses every write as a full disk does."""
+
+    def __init__(self, fd: int, mode: str) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize(
+    ("where", "patch", "words"),
+    [
+        ("mkdir", lambda fs: ("mkdir", _fail_with(errno.EROFS)), "Read-only file system"),
+        ("mkstemp", lambda fs: ("mkstemp", _fail_with(errno.EACCES)), "Permission denied"),
+        ("write", lambda fs: ("fdopen", _FullDisk), "No space left on device"),
+    ],
+)
+def test_disk_refusals_are_one_line_errors_leaving_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, patch, words: str
+) -> None:
+    """A read-only folder or disk and a full disk (simulated where the OS call fails: root
+    ignores folder permissions) give one line naming the file; no temporary file stays."""
+    import lowbit.export.files as files
+
+    graph = build_graph(quantized_net("bnn"), IN_SHAPE)
+    name, fn = patch(files)
+    target = {"mkdir": Path, "mkstemp": files.tempfile, "fdopen": files.os}[name]
+    monkeypatch.setattr(target, name, fn)
+    with pytest.raises(ExportError, match=rf"^cannot write .*m\.lowbit: {words}$"):
+        write_graph(graph, tmp_path / "m.lowbit")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_package_is_callable(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ the LSQ 8-bit / 4-bit MLPs.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import numpy as np
@@ -28,11 +29,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lowbit
+from lowbit.contract import CodeSpec, Graph, GraphError, Node, SignQuant, StaticQuant
 from lowbit.data import load_dataset
 from lowbit.models import create_model
 from lowbit.models.resnet import ShortcutA
 from lowbit.nn import ConvBnAct, QuantConv2d, QuantLinear, layer_weight_bias, weight_codes
-from lowbit.runtime.graph import Graph, GraphError, Node
 from lowbit.runtime.integer import Grid, compile_integer, rescale
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -60,19 +61,20 @@ def _layer_node(name: str, m: nn.Module, inp: str) -> Node:
     if iq is None:
         input_quant = None
     elif iq.method in STATIC_METHODS:
-        input_quant = {"kind": "static", "spec": iq.codes(torch.zeros(1, 1))[1].to_dict()}
+        input_quant = StaticQuant(iq.codes(torch.zeros(1, 1))[1].to_contract())
     else:
-        input_quant = {"kind": "sign"}
-    node = Node(name, "linear", [inp], bias=None if b is None else _np(b), input_quant=input_quant)
+        input_quant = SignQuant()
+    fields: dict = {"bias": None if b is None else _np(b), "input_quant": input_quant}
+    op, attrs = "linear", {}
     if isinstance(conv, nn.Conv2d):
-        node.op = "conv2d"
-        node.attrs = {"stride": conv.stride, "padding": conv.padding, "groups": conv.groups}
+        op = "conv2d"
+        attrs = {"stride": conv.stride, "padding": conv.padding, "groups": conv.groups}
     codes = weight_codes(m)
     if codes is None:
-        node.weight_float = _np(w)
+        fields["weight_float"] = _np(w)
     else:
-        node.weight_codes, node.weight_spec = _np(codes[0]), codes[1].to_dict()
-    return node
+        fields["weight_codes"], fields["weight_spec"] = _np(codes[0]), codes[1].to_contract()
+    return Node(name, op, [inp], attrs, **fields)
 
 
 def _module_nodes(name: str, m: nn.Module, inp: str) -> list[Node]:
@@ -213,18 +215,14 @@ def ref_multiplier(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(top, 2**30, m0), np.where(top, -exp - 1, -exp).astype(np.int64)
 
 
-def _spec(scale: object, zp: object, qmin: int, qmax: int, axis: int | None = None) -> dict:
-    return {
-        "scheme": "affine",
-        "bits": 8,
-        "qmin": qmin,
-        "qmax": qmax,
-        "scale": scale,
-        "zero_point": zp,
-        "scale_neg": None,
-        "axis": axis,
-        "signed": qmin < 0,
-    }
+def _spec(scale: object, zp: object, qmin: int, qmax: int, axis: int | None = None) -> CodeSpec:
+    bits = max(8, int(np.ceil(np.log2(qmax - qmin + 1))))
+    return CodeSpec("affine", bits, qmin, qmax, scale, zp, None, axis, qmin < 0)  # type: ignore[arg-type]
+
+
+def f32(x: object) -> np.ndarray:
+    """``x`` rounded to float32, held as float64."""
+    return np.asarray(x, np.float32).astype(np.float64)
 
 
 def two_layer_graph(
@@ -234,8 +232,7 @@ def two_layer_graph(
     n, k = w.shape
     spec = _spec(w_scale.tolist(), [0] * n, -127, 127, 0)
     g_in, g_out = (
-        {"kind": "static", "spec": _spec(g.scale, g.zero_point, g.qmin, g.qmax)}
-        for g in (grid_in, grid_out)
+        StaticQuant(_spec(g.scale, g.zero_point, g.qmin, g.qmax)) for g in (grid_in, grid_out)
     )
     l1 = Node("l1", "linear", ["x"], weight_codes=w, weight_spec=spec, bias=bias, input_quant=g_in)
     l2 = Node(
@@ -275,11 +272,12 @@ def test_requantisation_bit_exact_against_int64_gemmlowp(
 ) -> None:
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (n, k))
-    w_scale = 10.0 ** rng.uniform(-3, -1, n if per_channel else 1)
+    # scales are float32 in the contract (as in files): draw them as float32 values
+    w_scale = f32(10.0 ** rng.uniform(-3, -1, n if per_channel else 1))
     zin, zout = (int(rng.integers(lo, hi + 1)) for lo, hi in (in_range, out_range))
-    grid_in = Grid(float(rng.uniform(0.01, 0.1)), zin, *in_range)
+    grid_in = Grid(float(f32(rng.uniform(0.01, 0.1))), zin, *in_range)
     m_target = 10.0**log_m  # the real multiplier of channel 0
-    s_out = grid_in.scale * w_scale[0] / m_target
+    s_out = float(f32(grid_in.scale * w_scale[0] / m_target))
     grid_out = Grid(s_out, zout, *out_range)
     bias = rng.normal(0, 50, n) * grid_in.scale * np.broadcast_to(w_scale, n)
     program = compile_integer(
@@ -484,7 +482,7 @@ def test_stray_batchnorm_is_refused_with_its_name() -> None:
     ones = np.ones(4, np.float32)
     bn = Node("stray_bn", "batchnorm", [pool.name], {"dim": 1}, {"scale": ones, "shift": ones})
     graph.nodes.insert(graph.nodes.index(consumer), bn)
-    consumer.inputs = ["stray_bn"]
+    graph.nodes[graph.nodes.index(consumer)] = dataclasses.replace(consumer, inputs=["stray_bn"])
     with pytest.raises(GraphError, match=r"'stray_bn' \(batchnorm\) is not integer-only"):
         compile_integer(graph)
 

@@ -20,6 +20,7 @@ kernels are exported as uint8 (tests/test_onnx_saturation.py probes that with ex
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,19 @@ from torch import nn
 
 import lowbit
 from lowbit.data import load_dataset
-from lowbit.export import build_graph
-from lowbit.export.onnx import export_onnx, export_onnx_run, onnx_agreement
+from lowbit.export import build_graph, write_graph
+from lowbit.export.onnx import (
+    PREPROCESS_KEY,
+    export_onnx,
+    export_onnx_run,
+    onnx_agreement,
+    write_onnx,
+)
 from lowbit.export.ort_saturation import saturation_risks
 from lowbit.models import create_model
 from lowbit.models.resnet import BasicBlock
 from lowbit.nn import QuantConv2d, QuantLinear, weight_codes
+from lowbit.runtime import load, load_graph
 from lowbit.runtime.integer import compile_integer
 
 FLOAT_ACTIVATIONS = ("binaryconnect", "pow2", "ttq", "twn")
@@ -271,6 +279,8 @@ def test_export_onnx_run(tmp_path: Path) -> None:
     proto = onnx.load(out)
     assert "QuantizeLinear" in _ops(proto)
     assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [1, 8, 8]
+    pre = json.loads({p.key: p.value for p in proto.metadata_props}[PREPROCESS_KEY])
+    assert set(pre) == {"scale", "mean", "std"} and len(pre["mean"]) == len(pre["std"]) == 1
 
 
 def test_export_restores_training_mode_and_rejects_bad_arguments(tmp_path: Path) -> None:
@@ -282,5 +292,56 @@ def test_export_restores_training_mode_and_rejects_bad_arguments(tmp_path: Path)
     with pytest.raises(ValueError, match="example_input must be a batch tensor"):
         export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
     gelu = nn.Sequential(QuantLinear(4, 4), nn.GELU())
-    with pytest.raises(ValueError, match=r"'?1'?: no ONNX export for module GELU"):
+    with pytest.raises(ValueError, match=r"node '_1'.*GELU is not supported by lowbit export"):
         export_onnx(gelu, tmp_path / "g.onnx", torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("method", ["twn", "lsq", "bnn", "xnor", "affine", "stochastic"])
+def test_onnx_and_lowbit_from_one_graph_agree_node_for_node(tmp_path: Path, method: str) -> None:
+    """Both files serialise one graph: the .lowbit file reads back as that graph, and every
+    graph node is an ONNX value that the numpy runtime reproduces from the same inputs."""
+    import onnxruntime as ort
+
+    model = calibrated(make("smallcnn"), method)
+    graph = build_graph(model, INPUTS[:2])
+    write_graph(graph, tmp_path / "m.lowbit")
+    proto = write_onnx(graph, tmp_path / "m.onnx")
+    assert load_graph(tmp_path / "m.lowbit") == graph
+    runtime = load(tmp_path / "m.lowbit")
+    names = [n.name for n in graph.nodes]
+    proto.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options)
+    x = INPUTS[:64].numpy()
+    values = dict(zip(names, session.run(names, {"input": x}), strict=True))
+    values[graph.inputs[0]] = x
+    for node in graph.nodes:  # each node fed the ONNX values of its inputs
+        ours = runtime.run_node(node, [values[i] for i in node.inputs])
+        theirs = values[node.name]
+        assert ours.shape == theirs.shape, node.name
+        span = max(float(np.abs(theirs).max()), 1e-6)
+        close = np.abs(ours - theirs) <= 1e-5 * span
+        # QuantizeLinear divides by S where lowbit multiplies by 1/S: a value on a rounding
+        # boundary may land one code apart (a few per thousand at most)
+        assert close.mean() >= (1.0 if node.input_quant is None else 0.995), node.name
+
+
+def test_onnx_records_the_input_normalisation(tmp_path: Path) -> None:
+    model = calibrated(make("lenet5"), "affine")
+    pre = {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}
+    proto = export_onnx(model, tmp_path / "m.onnx", INPUTS[:2], preprocess=pre)
+    props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    assert json.loads(props[PREPROCESS_KEY]) == pre
+    assert props["lowbit.num_classes"] == "10"
+    assert proto.metadata_props == onnx.load(tmp_path / "m.onnx").metadata_props
+
+
+def test_onnx_write_creates_folders_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    model = calibrated(make("smallcnn"), "lsq")
+    path = tmp_path / "a" / "b" / "m.onnx"
+    export_onnx(model, path, INPUTS[:2])
+    assert [p.name for p in path.parent.iterdir()] == ["m.onnx"]
+    onnx.checker.check_model(onnx.load(path), full_check=True)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,6 @@ from lowbit.models import create_model
 from lowbit.nn import QuantConv2d
 from lowbit.quant import create
 from lowbit.runtime import Model, classify, load, read_input
-from lowbit.runtime.executor import quantize_input
 from test_export import (
     IN_SHAPE,
     LAYER_RTOL,
@@ -92,54 +92,6 @@ def test_kernel_choice() -> None:
     assert kinds["bnn"] == {"float", "binary"}
     assert kinds["xnor"] == {"float", "binary"}  # fc1 (beta per sample); conv2 has beta per pixel
     assert kinds["ttq"] == kinds["lsq"] == {"float"}
-
-
-def _observed(q):
-    """An activation quantiser after one training batch (EMA range, LSQ step) in eval mode."""
-    q.train()
-    with torch.no_grad():
-        q(torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(11)) * 2)
-    return q.eval()
-
-
-ACTIVATION_QUANTIZERS = {
-    "lsq 4-bit signed": lambda: _observed(create("lsq", "activation", bits=4)),
-    "lsq 3-bit unsigned": lambda: _observed(create("lsq", "activation", bits=3, signed=False)),
-    "pact 3-bit": lambda: create("pact", "activation", bits=3, alpha_init=1.7),
-    "dorefa 2-bit": lambda: create("dorefa", "activation", bits=2),
-    "affine 8-bit": lambda: _observed(create("affine", "activation")),
-    "stochastic 8-bit": lambda: create("stochastic", "activation").eval(),
-    "bnn": lambda: create("bnn", "activation"),
-}
-
-
-@pytest.mark.parametrize("name", list(ACTIVATION_QUANTIZERS))
-def test_runtime_spec_reproduces_the_quantiser(name: str) -> None:
-    """quantize_input(x, q.runtime_spec(x)) is q's eval forward bit for bit, rounding ties and
-    clipped values included."""
-    q = ACTIVATION_QUANTIZERS[name]()
-    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(12)) * 3
-    spec = q.runtime_spec(x)
-    if spec["kind"] == "static":  # exact half-steps of the grid
-        step = float(np.asarray(spec["spec"]["scale"]))
-        x[0] = (torch.arange(75).reshape(3, 5, 5) - 30 + 0.5) * step
-    with torch.no_grad():
-        ref = q(x).numpy()
-    np.testing.assert_array_equal(quantize_input(x.numpy(), spec), ref)
-
-
-def test_runtime_spec_edge_states() -> None:
-    assert create("affine", "activation").runtime_spec(torch.zeros(2, 3)) is None  # passthrough
-    x = torch.randn(2, 4, 3, 3)
-    with pytest.raises(ValueError, match="not initialised"):
-        create("lsq", "activation").runtime_spec(x)
-    with pytest.raises(ValueError, match="no runtime"):
-        create("ttq", "weight").runtime_spec(x)
-    for per_sample in (False, True):
-        q = create("xnor", "activation", per_sample=per_sample)
-        with torch.no_grad():
-            ref = q(x).numpy()
-        np.testing.assert_allclose(quantize_input(x.numpy(), q.runtime_spec(x)), ref, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- packed kernels
@@ -331,3 +283,66 @@ def test_runtime_needs_no_torch(lowbit_file: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CLI_ENV = {**os.environ, "PYTHONPATH": str(Path(lowbit.__file__).parents[1])}
+"""The CLI run from another folder imports this lowbit (not an installed copy)."""
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda d: (d / "folder").mkdir() or "folder", "folder: is a folder"),
+        (lambda d: (d / "note.png").write_text("hello") and "note.png", "note.png: not an image"),
+        (lambda d: (d / "x.npy").write_text("hello") and "x.npy", "x.npy: not a readable .npy"),
+        (lambda d: "gone.png", "gone.png: no such file"),
+    ],
+)
+def test_lowbit_run_refuses_bad_inputs_in_one_line(
+    lowbit_file: Path, tmp_path: Path, make, words: str
+) -> None:
+    """The real CLI (a subprocess): a folder, a non-image, a broken array or a missing file
+    given to ``lowbit run`` is one error line and exit status 2, not a traceback."""
+    name = make(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "run", str(lowbit_file), name],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=CLI_ENV,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+def test_onnx_files_run_with_their_input_normalisation(lowbit_file: Path, tmp_path: Path) -> None:
+    """``lowbit run model.onnx image.png`` applies the normalisation stored in the ONNX file,
+    giving the .lowbit file's answer for the same raw pixels."""
+    from lowbit.export.onnx import write_onnx
+    from lowbit.runtime import OnnxModel, load_graph
+
+    write_onnx(load_graph(lowbit_file), tmp_path / "m.onnx")
+    onnx_model = load(tmp_path / "m.onnx")
+    assert isinstance(onnx_model, OnnxModel)
+    assert onnx_model.meta["preprocess"] == load(lowbit_file).meta["preprocess"]
+    pixels = np.random.default_rng(1).integers(0, 256, size=(16, 16), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "digit.png")
+    x = read_input(tmp_path / "digit.png", onnx_model)
+    np.testing.assert_allclose(x, ((pixels / 255 - 0.5) / 0.25)[None, None], atol=1e-6)
+    (_, ours), (_, theirs) = (
+        classify(m, [tmp_path / "digit.png"], top_k=3)[0] for m in (lowbit_file, onnx_model)
+    )
+    assert [c for c, _ in ours] == [c for c, _ in theirs]
+    np.testing.assert_allclose([p for _, p in ours], [p for _, p in theirs], atol=1e-3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "run", "m.onnx", "digit.png", "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=CLI_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{ours[0][0]} ({ours[0][1]:.3f})" in proc.stdout
+    with pytest.raises(ValueError, match="engine 'integer'"):
+        load(tmp_path / "m.onnx", engine="integer")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.runtime import Graph, Model, Node, executor, kernels, packed
+from lowbit.contract import CodeSpec, SignMeanAbsQuant, SignQuant
+from lowbit.runtime import Graph, Model, Node, kernels, layers, packed
 from lowbit.runtime.packed import PackedGemm
 
 F32 = np.float32
@@ -29,16 +30,7 @@ F32 = np.float32
 
 # ----------------------------------------------------------------------------- graph helpers
 def weight_node(name, op, inp, codes, scale, iq, scheme="binary", **attrs) -> Node:
-    spec = {
-        "scheme": scheme,
-        "bits": 1 if scheme == "binary" else 2,
-        "qmin": -1,
-        "qmax": 1,
-        "scale": [float(s) for s in scale],
-        "zero_point": None,
-        "axis": 0,
-        "signed": True,
-    }
+    spec = CodeSpec(scheme, 1 if scheme == "binary" else 2, -1, 1, np.asarray(scale, F32), axis=0)
     if op == "conv2d":
         attrs = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | attrs
     return Node(name, op, [inp], attrs, weight_codes=codes, weight_spec=spec, input_quant=iq)
@@ -125,7 +117,7 @@ def test_fused_sign_chain_is_exact(name: str, assemble: bool, monkeypatch) -> No
     a1, a2, a3 = (rng.uniform(0.01, 2.0, size=n).astype(F32) for n in (cout, cout, 6))
     s1, h1 = bn_params(rng, cout)
     s2, h2 = bn_params(rng, cout)
-    sign_iq = {"kind": "sign"}
+    sign_iq = SignQuant()
     geo = {"stride": s, "padding": p, "dilation": d}
     nodes = [
         weight_node("c1", "conv2d", "x", w1, a1, sign_iq, scheme, **geo),
@@ -166,7 +158,7 @@ def test_fused_linear_chain_is_exact() -> None:
     bns = [bn_params(rng, o) for o in sizes[1:3]]
     nodes, inp = [], "x"
     for i, (w, a) in enumerate(zip(ws, alphas, strict=True)):
-        nodes.append(weight_node(f"fc{i}", "linear", inp, w, a, {"kind": "sign"}))
+        nodes.append(weight_node(f"fc{i}", "linear", inp, w, a, SignQuant()))
         inp = f"fc{i}"
         if i < 2:
             nodes.append(bn_node(f"bn{i}", inp, *bns[i]))
@@ -189,9 +181,9 @@ def test_value_read_as_float_is_not_fused() -> None:
     a = np.ones(8, F32)
     s, h = bn_params(rng, 8)
     nodes = [
-        weight_node("c1", "conv2d", "x", w1, a, {"kind": "sign"}, padding=1),
+        weight_node("c1", "conv2d", "x", w1, a, SignQuant(), padding=1),
         bn_node("b1", "c1", s, h),
-        weight_node("c2", "conv2d", "b1", w2, a, {"kind": "sign"}, padding=1),
+        weight_node("c2", "conv2d", "b1", w2, a, SignQuant(), padding=1),
         Node("add", "add", ["c2", "b1"]),
     ]
     model = Model(Graph(["x"], [None, 8, 6, 6], nodes, ["add"]))
@@ -213,7 +205,7 @@ def test_channels_last_ops_match_node_by_node() -> None:
     nodes = [
         Node("c0", "conv2d", ["x"], {"padding": 1}, weight_float=wf, bias=rng.normal(size=6)),
         Node("r0", "relu", ["c0"]),
-        weight_node("cx", "conv2d", "r0", wx, np.ones(6), {"kind": "sign_mean_abs"}, padding=1),
+        weight_node("cx", "conv2d", "r0", wx, np.ones(6), SignMeanAbsQuant(), padding=1),
         Node("cl", "clamp", ["cx"], {"min": -0.5, "max": 2.0}),
         Node("mp", "maxpool2d", ["cl"], pool),
         Node("ap", "avgpool2d", ["c0"], pool),
@@ -270,8 +262,8 @@ def test_threshold_equals_brute_force(k, alpha, bias, scale, shift) -> None:
 def test_float_conv_paths_match_torch(gather: bool, chunk: bool, monkeypatch) -> None:
     """A float conv through the im2col gather table, the window im2col (table too large) and
     a few samples at a time (bounded memory) against F.conv2d."""
-    monkeypatch.setattr(executor, "MAX_PATCH_INDEX", 2**18 if gather else 0)
-    monkeypatch.setattr(executor, "IM2COL_CHUNK_ELEMENTS", 2000 if chunk else 2**22)
+    monkeypatch.setattr(layers, "MAX_PATCH_INDEX", 2**18 if gather else 0)
+    monkeypatch.setattr(layers, "IM2COL_CHUNK_ELEMENTS", 2000 if chunk else 2**22)
     rng = np.random.default_rng(8)
     w = rng.normal(size=(5, 4, 3, 3)).astype(F32)
     attrs = {"stride": [2, 1], "padding": [1, 2], "dilation": [1, 2]}

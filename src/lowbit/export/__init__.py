@@ -22,11 +22,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .graph_builder import build_graph, build_graph_with_values, example_tensor, spec_to_numpy
+from .files import ExportError
+from .graph_builder import build_graph, build_graph_with_values, example_tensor
 from .lowbit_file import TERNARY_LAYOUTS, code_packing, graph_to_bytes, write_graph
+from .run import run_graph
 
 __all__ = [
     "TERNARY_LAYOUTS",
+    "ExportError",
     "build_graph",
     "build_graph_with_values",
     "code_packing",
@@ -34,7 +37,7 @@ __all__ = [
     "export",
     "export_run",
     "graph_to_bytes",
-    "spec_to_numpy",
+    "run_graph",
     "write_graph",
 ]
 
@@ -75,22 +78,7 @@ def export_run(
     The input shape, the recipe and the dataset's normalisation (stored as ``preprocess``,
     so ``lowbit run`` can classify raw images) come from the run folder.
     """
-    from ..train.experiment import load_data, load_run
-
-    exp, model, info = load_run(Path(run_dir))
-    test = load_data(exp, exp.train.seed).test
-    preprocess = None
-    if hasattr(test, "scale") and hasattr(test, "mean") and hasattr(test, "std"):
-        preprocess = {
-            "scale": float(test.scale),
-            "mean": [float(v) for v in test.mean.reshape(-1)],
-            "std": [float(v) for v in test.std.reshape(-1)],
-        }
-    graph = build_graph(model, tuple(info["in_shape"]))
-    graph.meta.update(run=str(run_dir), experiment=exp.name, dataset=info.get("dataset"))
-    if preprocess is not None:
-        graph.meta["preprocess"] = preprocess
-    return write_graph(graph, out_path, ternary_layout=ternary_layout)
+    return write_graph(run_graph(run_dir), out_path, ternary_layout=ternary_layout)
 
 
 class _CallableModule(types.ModuleType):

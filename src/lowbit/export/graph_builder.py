@@ -1,4 +1,5 @@
-"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.runtime.graph.Graph`.
+"""Turn a (quantised) PyTorch model into the inference :class:`~lowbit.contract.Graph`: the one
+graph builder, whose graph both the ``.lowbit`` writer and the ONNX writer serialise.
 
 :func:`build_graph` traces the model with ``torch.fx``, keeping quantised layers
 (``QuantConv2d``, ``QuantLinear``, ``ConvBnAct``), quantisers and standard ``torch.nn`` layers
@@ -9,9 +10,11 @@ every shape, and maps each node to a graph op:
 * quantised layers export their weight as integer codes and spec (``weight_codes``; folded
   weights for ``ConvBnAct``, whose activation becomes a ``relu``/``clamp`` node), float layers
   as float32; the latent float weights of quantised layers are not exported;
-* each layer's activation quantiser becomes its ``input_quant`` through
-  :meth:`lowbit.quant.Quantizer.runtime_spec`; a standalone ``QuantAct`` joins the layer it
-  feeds;
+* each layer's activation quantiser becomes its ``input_quant`` (a typed
+  :class:`~lowbit.contract.InputQuant`) through :meth:`lowbit.quant.Quantizer.runtime_spec`; a
+  standalone ``QuantAct`` joins the layer it feeds; weight specs are
+  :meth:`lowbit.quant.QuantSpec.to_contract`; every node records its output ``shape`` and the
+  layer's ``methods``;
 * BatchNorm becomes ``batchnorm`` (``scale = gamma / sqrt(var + eps)``,
   ``shift = beta - mean * scale``), folded into the layer before it when that layer has float
   weights and nothing else reads its output (``fold_bn``).
@@ -21,6 +24,7 @@ Anything else raises ValueError naming the node and the module or function.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -32,17 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
+from ..contract import Graph, GraphError, InputQuant, Methods, Node
 from ..nn import ConvBnAct, QuantAct, QuantConv2d, QuantLinear, layer_weight_bias, weight_codes
-from ..quant.base import Quantizer, QuantSpec
-from ..runtime.executor import infer_shapes
-from ..runtime.graph import Graph, Node
+from ..quant.base import Quantizer
+from ..runtime.shapes import infer_shapes
 
 __all__ = [
     "EXAMPLE_SEED",
     "build_graph",
     "build_graph_with_values",
     "example_tensor",
-    "spec_to_numpy",
 ]
 
 EXAMPLE_SEED = 0
@@ -66,7 +69,7 @@ class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         super().__init__(gm)
         self.values: dict[str, Any] = {}
-        self.input_quants: dict[str, dict[str, Any] | None] = {}
+        self.input_quants: dict[str, InputQuant | None] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "call_module":
@@ -116,25 +119,6 @@ def example_tensor(example_input: Tensor | Sequence[int] | None) -> Tensor:
     return torch.randn((1, *shape), generator=gen)
 
 
-def spec_to_numpy(spec: QuantSpec) -> dict[str, Any]:
-    """A QuantSpec as a graph ``weight_spec`` dict, tensors as float32 numpy arrays."""
-
-    def arr(t: Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.detach().to("cpu", torch.float32).numpy().copy()
-
-    return {
-        "scheme": spec.scheme,
-        "bits": spec.bits,
-        "qmin": spec.qmin,
-        "qmax": spec.qmax,
-        "scale": arr(spec.scale),
-        "zero_point": arr(spec.zero_point),
-        "scale_neg": arr(spec.scale_neg),
-        "axis": spec.axis,
-        "signed": spec.signed,
-    }
-
-
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
@@ -169,9 +153,9 @@ class _Builder:
         self.fold_bn = fold_bn
         self.nodes: list[Node] = []
         self.env: dict[str, str] = {}  # fx node name -> graph value name
-        self.pending: dict[str, dict[str, Any]] = {}  # fx node -> input quant for its consumer
+        self.pending: dict[str, InputQuant] = {}  # fx node -> input quant for its consumer
         self.emitted: dict[str, Node] = {}  # fx node -> the graph node that computes it
-        self.meta: dict[str, dict[str, Any]] = {"shapes": {}, "methods": {}, "modules": {}}
+        self.modules: dict[str, str] = {}  # graph node -> the module path it comes from
         self.names: set[str] = set()
         self.inputs: list[str] = []
 
@@ -201,11 +185,14 @@ class _Builder:
     def emit(
         self, n: torch.fx.Node, op: str, inputs: list[str], name: str | None = None, **fields: Any
     ) -> Node:
-        node = Node(self.unique(name or n.name), op, inputs, **fields)
+        node_name = self.unique(name or n.name)
+        try:
+            node = Node(node_name, op, inputs, shape=self.shape(n.name), **fields)
+        except GraphError as err:
+            raise self.fail(n, str(err)) from None
         self.nodes.append(node)
-        self.meta["shapes"][node.name] = self.shape(n.name)
         if n.op == "call_module" and name is None:
-            self.meta["modules"][node.name] = str(n.target)
+            self.modules[node.name] = str(n.target)
         self.env[n.name] = node.name
         self.emitted[n.name] = node
         return node
@@ -231,9 +218,9 @@ class _Builder:
             else:
                 raise self.fail(n, "parameters used directly in forward are not supported")
         value = self.rec.values[self.fx_graph_output_name()]
-        shapes = {k: v for k, v in self.meta["shapes"].items()}
-        meta = {**self.meta, "shapes": shapes, "num_classes": int(value.shape[-1])}
-        return Graph(self.inputs, self.shape(self.input_fx_name()), self.nodes, outputs, meta)
+        meta = {"modules": self.modules}
+        input_shape = self.shape(self.input_fx_name())
+        return Graph(self.inputs, input_shape, self.nodes, outputs, meta, int(value.shape[-1]))
 
     def fx_graph_output_name(self) -> str:
         out = next(n for n in self.fx_graph.nodes if n.op == "output")
@@ -278,7 +265,11 @@ class _Builder:
         elif type(m) is nn.Flatten and m.end_dim == -1:
             self.emit(n, "flatten", x, attrs={"start_dim": int(m.start_dim)})
         else:
-            raise self.fail(n, f"module type {type(m).__name__} is not supported by .lowbit export")
+            raise self.fail(
+                n,
+                f"module type {type(m).__name__} is not supported by lowbit export "
+                "(.lowbit and ONNX)",
+            )
 
     def weighted(self, n: torch.fx.Node, m: nn.Module) -> None:
         conv = m.conv if isinstance(m, ConvBnAct) else m
@@ -295,17 +286,19 @@ class _Builder:
         else:
             codes, spec = found
             fields["weight_codes"] = codes.detach().cpu().numpy().astype(np.int32)
-            fields["weight_spec"] = spec_to_numpy(spec)
+            try:
+                fields["weight_spec"] = spec.to_contract()
+            except GraphError as err:
+                raise self.fail(n, f"weight spec: {err}") from None
         fields["bias"] = None if bias is None else _np(bias)
+        wq, aq = getattr(m, "weight_quant", None), getattr(m, "input_quant", None)
+        fields["methods"] = Methods(
+            None if wq is None else wq.method, None if aq is None else aq.method
+        )
         if isinstance(conv, nn.Conv2d):
             node = self.emit(n, "conv2d", [x], attrs=_conv_attrs(n, conv, self), **fields)
         else:
             node = self.emit(n, "linear", [x], **fields)
-        wq, aq = getattr(m, "weight_quant", None), getattr(m, "input_quant", None)
-        self.meta["methods"][node.name] = {
-            "weights": None if wq is None else wq.method,
-            "activations": None if aq is None else aq.method,
-        }
         act = m.act if isinstance(m, ConvBnAct) else None
         if act is not None:
             attrs = {"min": 0.0, "max": 6.0} if isinstance(act, nn.ReLU6) else {}
@@ -329,9 +322,10 @@ class _Builder:
             and self.env[prev.name] == layer.name
         )
         if foldable:
-            _fold_into(layer, scale, shift)
+            folded = _fold_into(layer, scale, shift, self.shape(n.name))
+            self.nodes[self.nodes.index(layer)] = folded
+            self.emitted = {k: folded if v is layer else v for k, v in self.emitted.items()}
             self.env[n.name] = layer.name
-            self.meta["shapes"][layer.name] = self.shape(n.name)
             return
         self.emit(
             n,
@@ -364,7 +358,7 @@ class _Builder:
         elif f is F.adaptive_avg_pool2d and _pair(_arg(n, 1, "output_size")) == [1, 1]:
             self.emit(n, "global_avgpool2d", [self.arg(n, n.args[0])])
         else:
-            raise self.fail(n, "function not supported by .lowbit export")
+            raise self.fail(n, "function not supported by lowbit export (.lowbit and ONNX)")
 
     def method(self, n: torch.fx.Node) -> None:
         name = n.target
@@ -379,7 +373,7 @@ class _Builder:
         elif name in ("flatten", "view", "reshape"):
             self.flatten_like(n)
         else:
-            raise self.fail(n, "tensor method not supported by .lowbit export")
+            raise self.fail(n, "tensor method not supported by lowbit export (.lowbit and ONNX)")
 
     def flatten_like(self, n: torch.fx.Node) -> None:
         """flatten / view / reshape that keep dims before some ``start`` and merge the rest."""
@@ -488,13 +482,19 @@ def _string_padding(n: torch.fx.Node, conv: nn.Conv2d, b: _Builder) -> list[int]
     return [t // 2 for t in total]
 
 
-def _fold_into(layer: Node, scale: np.ndarray, shift: np.ndarray) -> None:
-    """BatchNorm after a float layer: ``w' = w * scale`` per output, ``b' = b * scale + shift``."""
+def _fold_into(layer: Node, scale: np.ndarray, shift: np.ndarray, shape: list[Any]) -> Node:
+    """BatchNorm after a float layer: ``w' = w * scale`` per output, ``b' = b * scale + shift``
+    (the layer node with the folded weight, bias and the BatchNorm's output shape)."""
+    assert layer.weight_float is not None
     w = layer.weight_float.astype(np.float64)
-    shape = (-1,) + (1,) * (w.ndim - 1)
-    layer.weight_float = (w * scale.astype(np.float64).reshape(shape)).astype(np.float32)
+    view = (-1,) + (1,) * (w.ndim - 1)
     b = np.zeros(w.shape[0]) if layer.bias is None else layer.bias.astype(np.float64)
-    layer.bias = (b * scale + shift).astype(np.float32)
+    return dataclasses.replace(
+        layer,
+        weight_float=(w * scale.astype(np.float64).reshape(view)).astype(np.float32),
+        bias=(b * scale + shift).astype(np.float32),
+        shape=shape,
+    )
 
 
 def build_graph(
@@ -532,7 +532,7 @@ def build_graph_with_values(
     except Exception as err:  # user code may fail to trace in any way
         raise ValueError(f"export: the model does not trace with torch.fx: {err}") from err
     gm = torch.fx.GraphModule(model, fx_graph)
-    was_training = model.training
+    flags = {m: m.training for m in model.modules()}  # restored one by one (mixed modes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     try:
@@ -541,19 +541,18 @@ def build_graph_with_values(
         builder = _Builder(model, fx_graph, rec, fold_bn)
         graph = builder.run()
     finally:
-        model.train(was_training)
+        for m, training in flags.items():
+            m.train(training)
     graph.meta.update(
         producer=f"lowbit {__version__}",
         model=type(model).__name__,
         recipe=getattr(getattr(model, "lowbit_recipe", None), "name", None),
     )
     graph.validate()
-    shapes = infer_shapes(graph)
-    for name, shape in graph.meta["shapes"].items():
-        if shapes[name] != shape:
-            raise ValueError(
-                f"export: node {name!r}: torch gives shape {shape}, the graph {shapes[name]}"
-            )
+    try:
+        infer_shapes(graph)  # the shapes torch gave each node must be the graph's
+    except GraphError as err:
+        raise ValueError(f"export: {err}") from None
     # fx nodes are visited in order, so the last one mapped to a graph value computed it
     values = {v: _np(rec.values[fx]) for fx, v in builder.env.items()}
     return graph, values

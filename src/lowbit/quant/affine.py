@@ -17,11 +17,12 @@ integer engine lives in :mod:`lowbit.fixedpoint`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from ..contract import InputQuant
 from . import ops
 from .base import Quantizer, QuantSpec, channel_view
 from .functional import abs_rows, check_int, check_real, static_runtime_spec
@@ -185,7 +186,7 @@ class AffineActivation(_AffineQuantizer):
         """Codes of ``x`` under the stored range (the eval-mode forward, ignoring the delay)."""
         return self._codes(x, *self.qparams())
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static ``affine`` grid of the stored range; None while eval passes ``x`` through (no
         range observed yet, or the delay not elapsed). PyTorch's fake-quant kernel multiplies
         by ``1 / S``, which is the multiplier given."""

@@ -12,14 +12,14 @@ Every quantiser is a small :class:`torch.nn.Module` that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..contract import SCHEMES, CodeSpec, InputQuant
+
 Role = Literal["weight", "activation"]
-Scheme = Literal["binary", "ternary", "uniform", "affine", "pow2"]
-SCHEMES: tuple[str, ...] = ("binary", "ternary", "uniform", "affine", "pow2")
 
 
 def scale_grad(x: Tensor, factor: float) -> Tensor:
@@ -39,7 +39,8 @@ def channel_view(t: Tensor, ndim: int, axis: int | None) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class QuantSpec:
-    """How integer codes map back to real values.
+    """How integer codes map back to real values: the torch view of the deployment contract's
+    :class:`lowbit.contract.CodeSpec` (:meth:`to_contract` / :meth:`from_contract` convert).
 
     Schemes (``c`` is a code, ``s`` the scale broadcast along ``axis``):
 
@@ -95,23 +96,45 @@ class QuantSpec:
         mag = s * torch.exp2(c.abs() - self.qmax)
         return torch.where(c == 0, torch.zeros_like(mag), torch.sign(c) * mag)
 
-    def to_dict(self) -> dict[str, object]:
-        """JSON-friendly description (tensors as lists) for export headers and reports."""
+    def to_contract(self) -> CodeSpec:
+        """The deployment contract's :class:`~lowbit.contract.CodeSpec` (float32 numpy values);
+        GraphError (a ValueError) for values the contract refuses, e.g. a zero scale."""
 
-        def lst(t: Tensor | None) -> object:
-            return None if t is None else t.detach().cpu().tolist()
+        def arr(t: Tensor | None) -> object:
+            return None if t is None else t.detach().to("cpu", torch.float32).numpy()
 
-        return {
-            "scheme": self.scheme,
-            "bits": self.bits,
-            "qmin": self.qmin,
-            "qmax": self.qmax,
-            "scale": lst(self.scale),
-            "zero_point": lst(self.zero_point),
-            "scale_neg": lst(self.scale_neg),
-            "axis": self.axis,
-            "signed": self.signed,
-        }
+        return CodeSpec(
+            self.scheme,
+            self.bits,
+            self.qmin,
+            self.qmax,
+            scale=arr(self.scale),  # type: ignore[arg-type]
+            zero_point=arr(self.zero_point),  # type: ignore[arg-type]
+            scale_neg=arr(self.scale_neg),  # type: ignore[arg-type]
+            axis=self.axis,
+            signed=self.signed,
+        )
+
+    @classmethod
+    def from_contract(cls, spec: CodeSpec) -> QuantSpec:
+        """The torch view of a contract :class:`~lowbit.contract.CodeSpec`."""
+
+        def ten(a: object) -> Tensor | None:
+            return None if a is None else torch.tensor(a, dtype=torch.float32)
+
+        scale = ten(spec.scale)
+        assert scale is not None
+        return cls(
+            spec.scheme,
+            spec.bits,
+            spec.qmin,
+            spec.qmax,
+            scale,
+            ten(spec.zero_point),
+            ten(spec.scale_neg),
+            spec.axis,
+            spec.signed,
+        )
 
 
 class Quantizer(nn.Module):
@@ -134,11 +157,11 @@ class Quantizer(nn.Module):
         """Integer codes of ``x`` and the spec that maps them back (``x`` as given to forward)."""
         raise NotImplementedError
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """How an inference runtime quantises this activation quantiser's input ``x``.
 
-        A dict in the ``input_quant`` form of :mod:`lowbit.runtime.graph` (``kind`` ``static``,
-        ``sign``, ``sign_mean_abs`` or ``dynamic_max_abs``), or None where the evaluation
+        An :class:`lowbit.contract.InputQuant` (``StaticQuant``, ``SignQuant``,
+        ``SignMeanAbsQuant`` or ``DynamicMaxAbsQuant``), or None where the evaluation
         forward passes ``x`` through unchanged. ``x`` is an example input (its shape matters,
         e.g. for LSQ's gradient-scaled step). ValueError for a quantiser that has no such form
         (weight quantisers) or is not ready for deployment.

@@ -14,11 +14,10 @@ The deterministic ones run the fused operator ``lowbit::sign_ste`` (:mod:`lowbit
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from ..contract import InputQuant, SignMeanAbsQuant, SignQuant
 from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view
 from .functional import (
@@ -97,11 +96,11 @@ class SignBNN(Quantizer):
         """Codes ``sign(x)`` in ``{-1, +1}``, scale 1."""
         return _unscaled_sign_codes(x)
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
-        """``{"kind": "sign"}``: activations binarised with ``sign(0) = +1``, scale 1."""
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
+        """``SignQuant()``: activations binarised with ``sign(0) = +1``, scale 1."""
         if self.role != "activation":
             return super().runtime_spec(x)
-        return {"kind": "sign"}
+        return SignQuant()
 
     def extra_repr(self) -> str:
         return f"bits=1, role={self.role}"
@@ -171,9 +170,9 @@ class XNORActivation(Quantizer):
         """Codes ``sign(x)``; scale ``beta`` broadcastable to ``x`` (``axis=None``)."""
         return _sign_codes(x), binary_spec(self._beta(x))
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
-        """``{"kind": "sign_mean_abs", "per_sample": ...}``: ``beta`` is computed at run time."""
-        return {"kind": "sign_mean_abs", "per_sample": self.per_sample}
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
+        """``SignMeanAbsQuant(per_sample)``: ``beta`` is computed at run time."""
+        return SignMeanAbsQuant(self.per_sample)
 
     def extra_repr(self) -> str:
         return f"bits=1, per_sample={self.per_sample}"

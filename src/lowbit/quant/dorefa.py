@@ -6,11 +6,10 @@ gradient through ``round``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from ..contract import InputQuant
 from .base import Quantizer, QuantSpec
 from .binary import binary_spec, sign_levels
 from .functional import CODE_DTYPE, check_int, positive, scalar_like, straight_through
@@ -101,6 +100,6 @@ class DoReFaActivation(Quantizer):
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         return clipped_uniform_codes(x, scalar_like(x, 1.0), self.bits)
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static unsigned grid on ``[0, 1]``, scale ``1 / (2^k - 1)``."""
         return clipped_uniform_runtime_spec(scalar_like(x, 1.0), self.bits)

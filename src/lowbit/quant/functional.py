@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from ..contract import StaticQuant
 from . import ops
 from .base import QuantSpec, Role, channel_view
 from .registry import ROLES
@@ -147,12 +148,12 @@ def uniform_grid_codes(
     return c.to(CODE_DTYPE), spec
 
 
-def static_runtime_spec(spec: QuantSpec, inv_scale: Tensor | float) -> dict[str, Any]:
-    """The ``static`` ``input_quant`` dict of :meth:`Quantizer.runtime_spec`: the spec, plus the
-    float32 multiplier ``inv_scale`` that forward applies before rounding (``codes =
+def static_runtime_spec(spec: QuantSpec, inv_scale: Tensor | float) -> StaticQuant:
+    """The :class:`~lowbit.contract.StaticQuant` of :meth:`Quantizer.runtime_spec`: the spec,
+    plus the float32 multiplier ``inv_scale`` that forward applies before rounding (``codes =
     round(x * inv_scale)``), so a runtime reproduces the codes bit for bit."""
     inv = torch.as_tensor(inv_scale, dtype=torch.float32).detach().reshape(())
-    return {"kind": "static", "spec": spec.to_dict(), "inv_scale": float(inv.item())}
+    return StaticQuant(spec.to_contract(), float(inv.item()))
 
 
 # --------------------------------------------------------------------------- tensor helpers

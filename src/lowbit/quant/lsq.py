@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..contract import InputQuant
 from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view, scale_grad
 from .functional import (
@@ -156,7 +157,7 @@ class LSQ(Quantizer):
         return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel, signed)
 
     @torch.no_grad()
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static ``uniform`` grid with the step forward uses for inputs shaped like ``x``.
 
         The step is ``s_used`` (Eq. 4's gradient-scale trick can move it by an ulp, so it is

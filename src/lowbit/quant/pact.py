@@ -6,11 +6,10 @@ on ``[0, alpha]``: ``yq = round(y * (2^k - 1) / alpha) * alpha / (2^k - 1)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
+from ..contract import InputQuant, StaticQuant
 from . import ops
 from .base import Quantizer, QuantSpec
 from .functional import (
@@ -36,7 +35,7 @@ def clipped_uniform(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     return ops.clipped_uniform(x, alpha, 2**bits - 1)
 
 
-def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> dict[str, Any]:
+def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> StaticQuant:
     """Static grid of :func:`clipped_uniform`: scale ``alpha / n``, multiplier ``n / alpha``."""
     n = 2**bits - 1
     with torch.no_grad():
@@ -86,7 +85,7 @@ class PACT(Quantizer):
         """Codes ``round(clip(x, 0, alpha) / s)``, unsigned ``uniform``, ``s = alpha / (2^k-1)``."""
         return clipped_uniform_codes(x, positive(self.alpha), self.bits)
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
         """Static unsigned grid on ``[0, alpha]`` (see :func:`clipped_uniform_runtime_spec`)."""
         return clipped_uniform_runtime_spec(positive(self.alpha), self.bits)
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from ..contract import DynamicMaxAbsQuant, InputQuant
 from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view
 from .functional import (
@@ -85,12 +84,12 @@ class StochasticRounding(SeededRandom, Quantizer):
         s = self._scale(x)
         return uniform_grid_codes(x, s, self._qn, self._qp, self.bits, self.per_channel)
 
-    def runtime_spec(self, x: Tensor) -> dict[str, Any] | None:
-        """``{"kind": "dynamic_max_abs", "qmax": QP}``: the evaluation path, whose scale
+    def runtime_spec(self, x: Tensor) -> InputQuant | None:
+        """``DynamicMaxAbsQuant(qmax=QP)``: the evaluation path, whose scale
         ``max|x| / QP`` is taken over the whole input (batch included) at every call."""
         if self.role != "activation":
             return super().runtime_spec(x)
-        return {"kind": "dynamic_max_abs", "qmax": self._qp}
+        return DynamicMaxAbsQuant(self._qp)
 
     def extra_repr(self) -> str:
         return f"role={self.role}, bits={self.bits}, per_channel={self.per_channel}"

@@ -1,20 +1,16 @@
-"""Inference without the training code: the graph, its loader and executors, and CPU kernels.
+"""Inference without the training code: the loader, the float and integer engines, CPU kernels.
 
-Nothing here imports torch; numpy and the compiled kernels do the work.
+Nothing here imports torch; numpy and the compiled kernels do the work. The graph and its
+specs are the contract types of :mod:`lowbit.contract`.
 """
 
-from .executor import Model, Prediction, classify, read_input
-from .graph import Graph, GraphError, Node
+from ..contract import Graph, GraphError, Node
+from .inputs import classify, read_input
 from .integer import IntegerProgram, compile_integer
-from .loader import (
-    FileSummary,
-    LowbitFileError,
-    file_summary,
-    graph_from_bytes,
-    load,
-    load_graph,
-    loads,
-)
+from .loader import LowbitFileError, graph_from_bytes, load, load_graph, loads
+from .model import Model, Prediction
+from .onnx_model import OnnxModel
+from .summary import FileSummary, file_summary
 
 __all__ = [
     "FileSummary",
@@ -24,6 +20,7 @@ __all__ = [
     "LowbitFileError",
     "Model",
     "Node",
+    "OnnxModel",
     "Prediction",
     "classify",
     "compile_integer",

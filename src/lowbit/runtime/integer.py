@@ -1,4 +1,4 @@
-"""Integer-arithmetic-only inference on a :class:`~lowbit.runtime.graph.Graph` (Jacob et al. 2018).
+"""Integer-arithmetic-only inference on a :class:`~lowbit.contract.Graph` (Jacob et al. 2018).
 
 :func:`compile_integer` turns a graph whose conv/linear layers have integer-valued weights and
 *static* input quantisers into an :class:`IntegerProgram`. Running it quantises the network input
@@ -34,7 +34,7 @@ follows a layer (its only consumer) is folded into that layer's per-channel mult
 at compile time (``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel
 with ``g < 0`` has its weight codes negated); any other ``batchnorm``, float weight, or
 non-static input quantiser makes :func:`compile_integer` raise a
-:class:`~lowbit.runtime.graph.GraphError` naming the node ("not integer-only").
+:class:`~lowbit.contract.GraphError` naming the node ("not integer-only").
 
 Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero point (codes
 ``c - Z``) or a half-integer one (DoReFa's ``(2^k - 1) / 2``: codes ``2c - 2Z``, scale ``S / 2``),
@@ -42,45 +42,52 @@ Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero
 ``sign(c) 2^(|c| - 1)``, scale ``S 2^(1 - n)``). Asymmetric ternary (TTQ's ``Wp != Wn``) is not.
 
 **Rounding.** By default requantisation is exact: ``Z + round_half_even((acc M0 + bias_q)
-2^-(31+n))`` in int64 with the bias below the binary point (:func:`_exact_epilogue` states the
-bound), i.e. the correctly rounded real value, as the fake-quant model's
-``round_half_even(r / S) + Z`` up to its own float32 error, on trained and untrained weights
-alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's double rounding instead (see
-:func:`lowbit.fixedpoint.requantize`), off by one for about ``2^-(n+1)`` of the codes, ``n`` the
-shift; layers with a small shift then get *headroom*: the accumulator is multiplied by ``2^L``
-(exact, within int32) and the shift raised by ``L`` up to ``min_shift``, with the bias quantised
-at ``2^-L`` of an accumulator unit; the rate drops to ``2^-(n+L+1)``; ``min_shift=0`` is plain
-gemmlowp everywhere. Rescaling between grids (``add`` operands, a tensor consumed
-under two different grids) uses the same fixed-point multiply, or a single rounding shift
-(half away from zero) when the ratio of scales is a power of two (wide -> 8-bit). Averages
-(``avgpool2d``, ``global_avgpool2d``) are ``Z + round_half_even(sum(q - Z) / count)`` in exact
-integer arithmetic, with the window count including padding unless ``count_include_pad`` is
-False. ``add`` follows TFLite's idea of bringing both operands to one finer common scale with
-fixed-point multipliers before adding: here the common scale is the wide version of the output
-grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one rounding.
-In a residual network the fake-quant model adds *float* tensors; the engine holds them to
-``2^-20`` of a code, so it matches up to rare off-by-ones there too.
-"""
+2^-(31+n))`` in int64 with the bias below the binary point
+(:func:`~lowbit.runtime.requant.exact_epilogue` states the bound), i.e. the correctly rounded real
+value, as the fake-quant model's ``round_half_even(r / S) + Z`` up to its own float32 error, on
+trained and untrained weights alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's
+double rounding instead (see :func:`lowbit.fixedpoint.requantize`), off by one for about
+``2^-(n+1)`` of the codes, ``n`` the shift; layers with a small shift then get *headroom*: the
+accumulator is multiplied by ``2^L`` (exact, within int32) and the shift raised by ``L`` up to
+``min_shift``, with the bias quantised at ``2^-L`` of an accumulator unit; the rate drops to
+``2^-(n+L+1)``; ``min_shift=0`` is plain gemmlowp everywhere. Rescaling between grids (``add``
+operands, a tensor consumed under two different grids) uses the same fixed-point multiply, or a
+single rounding shift (half away from zero) when the ratio of scales is a power of two (wide ->
+8-bit). Averages (``avgpool2d``, ``global_avgpool2d``) are ``Z + round_half_even(sum(q - Z) /
+count)`` in exact integer arithmetic, with the window count including padding unless
+``count_include_pad`` is False. ``add`` follows TFLite's idea of bringing both operands to one finer
+common scale with fixed-point multipliers before adding: here the common scale is the wide version
+of the output grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one
+rounding. In a residual network the fake-quant model adds *float* tensors; the engine holds them to
+``2^-20`` of a code, so it matches up to rare off-by-ones there too."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from ..fixedpoint import (
-    INT32_MAX,
-    INT32_MIN,
-    quantize_multiplier,
-    requantize,
-    rounding_divide_by_pot,
-)
+from ..contract import WEIGHTED_OPS, Graph, GraphError, Node, StaticQuant
+from ..fixedpoint import INT32_MAX, INT32_MIN
 from . import kernels
-from .graph import WEIGHTED_OPS, Graph, GraphError, Node
+from .integer_ops import (
+    WIDE_BITS,
+    Env,
+    Grid,
+    Op,
+    add_codes,
+    avgpool,
+    global_avgpool,
+    int_pair,
+    pass_op,
+    rescale,
+    uint8_offset,
+)
+from .requant import Epilogue, epilogue, round_shift_half_even
 
 __all__ = [
     "WIDE_BITS",
@@ -91,85 +98,9 @@ __all__ = [
     "round_shift_half_even",
 ]
 
-WIDE_BITS = 20
-"""Extra fraction bits of the wide int32 grids that averages and additions are computed on."""
-
 
 MEAN_OPS = ("avgpool2d", "global_avgpool2d", "add")
 MAX_POW2_LEVELS = 7  # pow2 codes sign(c) 2^(|c| - 1) then fit int8
-Env = dict[str, NDArray[Any]]
-
-
-# ----------------------------------------------------------------------------- grids
-
-
-@dataclass(frozen=True)
-class Grid:
-    """An integer grid ``r = scale (q - zero_point)`` with codes ``q in [qmin, qmax]``."""
-
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    @property
-    def wide(self) -> bool:
-        return self.qmin == INT32_MIN and self.qmax == INT32_MAX
-
-    def widened(self) -> Grid:
-        """The same real line with ``WIDE_BITS`` more fraction bits and int32 codes."""
-        if self.wide:
-            return self
-        scale = self.scale / 2**WIDE_BITS
-        return Grid(scale, self.zero_point * 2**WIDE_BITS, INT32_MIN, INT32_MAX)
-
-    def quantize(self, x: NDArray[Any]) -> NDArray[np.int32]:
-        """``clip(round_half_even(x * (1 / S)) + Z, qmin, qmax)`` in float32.
-
-        The product by the float32 reciprocal is what PyTorch's fake-quant kernels and
-        lowbit's uniform quantisers compute, so codes agree with them bit for bit.
-        """
-        inv = np.float32(1.0) / np.float32(self.scale)
-        q = np.rint(np.asarray(x, dtype=np.float32) * inv)
-        lo, hi = self.qmin - self.zero_point, self.qmax - self.zero_point
-        return (np.clip(q, lo, hi).astype(np.int64) + self.zero_point).astype(np.int32)
-
-    def code(self, r: float) -> int:
-        """The code of the real number ``r`` (clipped to the grid)."""
-        return int(self.quantize(np.asarray([r]))[0])
-
-
-def _round_half_even_div(num: NDArray[np.int64], den: NDArray[np.int64] | int) -> NDArray[np.int64]:
-    """``num / den`` (``den > 0``) rounded to the nearest integer, halves to even, exactly."""
-    q, r = np.divmod(num, den)
-    twice = 2 * r
-    return q + ((twice > den) | ((twice == den) & (q % 2 == 1)))
-
-
-def rescale(q: NDArray[Any], src: Grid, dst: Grid) -> NDArray[np.int32]:
-    """Codes ``q`` on ``src`` moved to ``dst``: ``Z_dst + (S_src / S_dst) (q - Z_src)``, clipped.
-
-    A power-of-two ratio ``2^-k`` (``k >= 1``) is one rounding shift (gemmlowp
-    ``RoundingDivideByPOT``, halves away from zero); any other ratio the fixed-point
-    multiplier of :func:`lowbit.fixedpoint.requantize`. ``q - Z_src`` saturates to int32.
-    """
-    if src == dst:
-        return q
-    centred = np.clip(q.astype(np.int64) - src.zero_point, INT32_MIN, INT32_MAX)
-    ratio = src.scale / dst.scale
-    mantissa, exponent = math.frexp(ratio)
-    if mantissa == 0.5 and exponent <= 0:
-        shifted = rounding_divide_by_pot(centred, 1 - exponent) + dst.zero_point
-        return np.clip(shifted, dst.qmin, dst.qmax).astype(np.int32)
-    m0, shift = quantize_multiplier(ratio)
-    return requantize(centred, m0, shift, dst.zero_point, dst.qmin, dst.qmax)
-
-
-def _uint8_offset(lo: int, hi: int, zero_point: int) -> int | None:
-    """An offset ``o`` with ``[lo, hi] + o`` and ``zero_point + o`` inside ``[0, 255]``, or None."""
-    o = 0 if lo >= 0 else -lo
-    inside = lo + o >= 0 and hi + o <= 255 and 0 <= zero_point + o <= 255
-    return o if inside else None
 
 
 # ----------------------------------------------------------------------------- node checks
@@ -184,20 +115,18 @@ def _static_grid(node: Node) -> Grid:
     iq = node.input_quant
     if iq is None:
         raise _not_integer(node, "its input is not quantised (float activations)")
-    if iq.get("kind") != "static":
-        raise _not_integer(node, f"input quantiser kind {iq.get('kind')!r} is not 'static'")
-    spec = iq["spec"]
-    if spec["scheme"] not in ("uniform", "affine"):
-        raise _not_integer(node, f"input quantiser scheme {spec['scheme']!r}")
-    scale = np.asarray(spec["scale"], dtype=np.float64)
-    zp = np.asarray(0.0 if spec.get("zero_point") is None else spec["zero_point"], np.float64)
+    if not isinstance(iq, StaticQuant):
+        raise _not_integer(node, f"input quantiser kind {iq.kind!r} is not 'static'")
+    spec = iq.spec
+    scale = np.asarray(spec.scale, dtype=np.float64)
+    zp = np.asarray(0.0 if spec.zero_point is None else spec.zero_point, np.float64)
     if scale.size != 1 or zp.size != 1:
         raise _not_integer(node, "the input quantiser has more than one scale / zero point")
     if zp.item() != round(zp.item()):
         raise _not_integer(node, f"input zero point {zp.item()} is not an integer")
     if not (math.isfinite(scale.item()) and scale.item() > 0):
         raise _not_integer(node, f"input scale {scale.item()} is not positive")
-    return Grid(float(scale.item()), round(zp.item()), int(spec["qmin"]), int(spec["qmax"]))
+    return Grid(float(scale.item()), round(zp.item()), spec.qmin, spec.qmax)
 
 
 def _channel_vector(node: Node, value: Any, n: int, what: str) -> NDArray[np.float64]:
@@ -205,7 +134,7 @@ def _channel_vector(node: Node, value: Any, n: int, what: str) -> NDArray[np.flo
     arr = np.asarray(value, dtype=np.float64).reshape(-1)
     if arr.size == 1:
         return np.full(n, arr[0])
-    axis = (node.weight_spec or {}).get("axis")
+    axis = None if node.weight_spec is None else node.weight_spec.axis
     if arr.size != n or axis not in (0, None):
         raise _not_integer(node, f"weight {what} is neither per tensor nor per output channel")
     return arr
@@ -221,12 +150,12 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
     spec = node.weight_spec
     codes = np.asarray(node.weight_codes).astype(np.int64)
     n = codes.shape[0]
-    scale = _channel_vector(node, spec["scale"], n, "scale")
+    scale = _channel_vector(node, spec.scale, n, "scale")
     view = (n,) + (1,) * (codes.ndim - 1)
-    scheme = spec["scheme"]
-    if scheme in ("uniform", "affine"):
+    scheme = spec.scheme
+    if spec.uniform_grid:
         zp = _channel_vector(
-            node, 0.0 if spec.get("zero_point") is None else spec["zero_point"], n, "zero point"
+            node, 0.0 if spec.zero_point is None else spec.zero_point, n, "zero point"
         )
         if np.all(zp == np.round(zp)):
             return codes - zp.astype(np.int64).reshape(view), scale
@@ -236,12 +165,12 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
     if scheme == "binary":
         return codes, scale
     if scheme == "ternary":
-        neg = spec.get("scale_neg")
+        neg = spec.scale_neg
         if neg is not None and not np.array_equal(_channel_vector(node, neg, n, "scale"), scale):
             raise _not_integer(node, "asymmetric ternary weights (Wp != Wn) have two scales")
         return codes, scale
     if scheme == "pow2":
-        levels = int(spec["qmax"])
+        levels = spec.qmax
         if levels > MAX_POW2_LEVELS:
             raise _not_integer(node, f"pow2 weights with {levels} > {MAX_POW2_LEVELS} exponents")
         mags = np.where(codes == 0, 0, np.left_shift(1, np.maximum(np.abs(codes) - 1, 0)))
@@ -250,130 +179,6 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-INT64_ROOM = 2**62  # |acc m0| + |bias| stays below this in the exact requantisation
-
-
-def round_shift_half_even(x: NDArray[np.int64], s: NDArray[np.int64]) -> NDArray[np.int64]:
-    """``x / 2^s`` rounded to nearest, ties to even, in exact int64 arithmetic (``s >= 1``)."""
-    x, s = np.asarray(x, np.int64), np.asarray(s, np.int64)
-    q = x >> s  # floor
-    rem = x - (q << s)
-    half = np.left_shift(np.int64(1), s - 1)
-    return q + ((rem > half) | ((rem == half) & (q & 1 == 1)))
-
-
-@dataclass(frozen=True)
-class _Epilogue:
-    """What follows a layer's accumulator: requantisation to ``grid``, or (``grid`` None) float.
-
-    ``real = scale * acc + bias`` per output channel (``scale > 0``, BatchNorm folded in). For a
-    grid, two schemes (``exact``):
-
-    * exact (the default): ``q = Z + round_half_even((acc m0 + bias_q) 2^-shift)`` in int64,
-      with ``m0 2^-shift = scale / S_out`` (``m0 in [2^30, 2^31)``) and ``bias_q =
-      round(bias / S_out 2^shift)``; see :func:`_exact_epilogue` for its error bound;
-    * gemmlowp: ``q = requantize(acc 2^headroom + bias_q, m0, shift)`` with
-      ``m0 2^-31 2^-shift = 2^-headroom scale / S_out`` and ``bias_q = round(bias 2^headroom /
-      scale)`` (:func:`lowbit.fixedpoint.requantize`, double rounding).
-    """
-
-    scale: NDArray[np.float64]
-    bias: NDArray[np.float64]
-    grid: Grid | None
-    headroom: int = 0
-    m0: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    shift: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    bias_q: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    exact: bool = True
-
-    def requantize(self, acc: NDArray[np.int64], sl: slice) -> NDArray[np.int32]:
-        """Codes from int64 accumulators ``[M, N]`` of output channels ``sl`` (int32-saturated)."""
-        g = self.grid
-        if self.exact:
-            acc = np.clip(acc, INT32_MIN, INT32_MAX)
-            q = round_shift_half_even(acc * self.m0[sl] + self.bias_q[sl], self.shift[sl])
-            return np.clip(q + g.zero_point, g.qmin, g.qmax).astype(np.int32)
-        scaled = np.clip(acc * 2**self.headroom + self.bias_q[sl], INT32_MIN, INT32_MAX)
-        return requantize(scaled, self.m0[sl], self.shift[sl], g.zero_point, g.qmin, g.qmax)
-
-
-def _multipliers(node: Node, ratio: NDArray[np.float64]) -> tuple[NDArray[np.int64], ...]:
-    try:
-        pairs = [quantize_multiplier(float(r)) for r in ratio]
-    except ValueError as exc:
-        raise GraphError(f"node {node.name!r}: cannot requantise: {exc}") from exc
-    m0, shift = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
-    return m0, shift
-
-
-def _exact_epilogue(
-    node: Node, scale: NDArray[np.float64], bias: NDArray[np.float64], grid: Grid, acc_bound: int
-) -> _Epilogue:
-    """Single-rounding requantisation in 64 bits, exact up to a bound (the default scheme).
-
-    Per channel ``M = scale / S_out = m0 2^-31 2^-n`` (:func:`~lowbit.fixedpoint.
-    quantize_multiplier`), total shift ``s = 31 + n`` and ``bias_q = round(bias / S_out 2^s)``;
-    the output is ``Z + round_half_even((acc m0 + bias_q) 2^-s)``, clamped. ``acc`` is the int32
-    accumulator, ``acc m0 + bias_q`` an int64 (when ``acc_bound m0 + |bias_q|`` could reach
-    ``2^62``, or ``s > 62``, ``m0`` and ``s`` lose the same number of low bits, which for
-    ``s > 62`` costs less than ``acc_bound 2^-62`` of a code). Against the real value
-    ``v = M_f acc + bias / S_out`` (``M_f`` the float64 ratio) the rounded quantity is off by at
-    most ``|M_f acc| 2^-31 + 2^-s`` (``m0``'s rounding, then ``bias_q``'s) plus float64's
-    ``2^-52`` relative error of ``bias / S_out``: for outputs within a few hundred codes that is
-    below ``2^-21`` of a code, so the code equals ``round_half_even(v)`` unless ``v`` lies that
-    close to a half-integer -- closer than the float32 fake-quant model computes ``v`` itself.
-    A C kernel implements it with int32 accumulators, a 32x32->64-bit multiply per output, one
-    64-bit add and a rounding right shift (TFLite's single-rounding
-    ``MultiplyByQuantizedMultiplier`` with the bias folded in below the binary point, and ties to
-    even as ``torch.round``).
-    """
-    m0, n = _multipliers(node, scale / grid.scale)
-    shift = 31 + n
-    offset = bias / grid.scale
-    acc_bound = min(acc_bound, INT32_MAX)
-    while True:
-        bias_q = np.rint(offset * np.exp2(shift.astype(np.float64)))
-        over = (acc_bound * m0.astype(np.float64) + np.abs(bias_q) >= INT64_ROOM) | (shift > 62)
-        if not over.any():
-            break
-        if shift[over].min() <= 1:
-            raise GraphError(f"node {node.name!r}: cannot requantise within 64 bits")
-        m0 = np.where(over, (m0 + 1) >> 1, m0)
-        shift = np.where(over, shift - 1, shift)
-    return _Epilogue(scale, bias, grid, 0, m0, shift, bias_q.astype(np.int64))
-
-
-def _epilogue(
-    node: Node,
-    scale: NDArray[np.float64],
-    bias: NDArray[np.float64],
-    grid: Grid | None,
-    acc_bound: int,
-    min_shift: int | None,
-) -> _Epilogue:
-    """Multipliers, headroom and quantised bias of a layer; ``acc_bound`` bounds ``|acc|``.
-
-    ``min_shift`` None: :func:`_exact_epilogue`. Otherwise gemmlowp with headroom: when the
-    smallest requantisation shift ``n`` is below ``min_shift``, the accumulator is multiplied by
-    ``2^L`` (exact in int32, ``L <= min_shift - n``, limited by ``acc_bound``) and the shift
-    raised by ``L``, so the double rounding of the high multiply and the shift lands
-    ``min_shift`` bits below the output's unit (rate ``2^-(n+L+1)`` instead of ``2^-(n+1)``) and
-    the bias is kept to ``2^-L`` of an accumulator unit.
-    """
-    if grid is None:
-        return _Epilogue(scale, bias, None)
-    if min_shift is None:
-        return _exact_epilogue(node, scale, bias, grid, acc_bound)
-    m0, shift = _multipliers(node, scale / grid.scale)
-    bias_bound = int(np.abs(np.rint(bias / scale)).max(initial=0)) + 1
-    room = math.floor(math.log2(INT32_MAX / (acc_bound + bias_bound)))
-    if room < 0:
-        raise GraphError(f"node {node.name!r}: accumulator and bias may overflow int32")
-    headroom = max(0, min(min_shift - int(shift.min()), room))
-    bias_q = np.rint(bias * 2.0**headroom / scale).astype(np.int64)
-    return _Epilogue(scale, bias, grid, headroom, m0, shift + headroom, bias_q, exact=False)
 
 
 @dataclass(frozen=True)
@@ -405,7 +210,7 @@ class _Layer:
         src: Grid,
         grid_in: Grid,
         codes: NDArray[np.int64],
-        epilogue: _Epilogue,
+        epilogue: Epilogue,
     ) -> None:
         self.name, self.input = name, node.inputs[0]
         self.src, self.grid_in, self.epilogue = src, grid_in, epilogue
@@ -413,11 +218,11 @@ class _Layer:
         groups = int(node.attrs.get("groups", 1)) if self.conv else 1
         if self.conv:
             self.kernel = codes.shape[2:]
-            self.stride = _pair(node, "stride", 1)
-            self.padding = _pair(node, "padding", 0)
-            if _pair(node, "dilation", 1) != (1, 1):
+            self.stride = int_pair(node, "stride", 1)
+            self.padding = int_pair(node, "padding", 0)
+            if int_pair(node, "dilation", 1) != (1, 1):
                 raise GraphError(f"node {node.name!r}: dilated convolutions are not supported")
-        self.a_off = _uint8_offset(grid_in.qmin, grid_in.qmax, grid_in.zero_point)
+        self.a_off = uint8_offset(grid_in.qmin, grid_in.qmax, grid_in.zero_point)
         w = codes.reshape(codes.shape[0], -1)
         og = w.shape[0] // groups
         self.groups = [self._group(w, slice(g * og, (g + 1) * og)) for g in range(groups)]
@@ -426,7 +231,7 @@ class _Layer:
         ep, grid, rows = self.epilogue, self.epilogue.grid, w[sl]
         fits = rows.size == 0 or (rows.min() >= -128 and rows.max() <= 127)
         w8 = np.ascontiguousarray(rows.astype(np.int8)) if fits else None
-        o_off = None if grid is None else _uint8_offset(grid.qmin, grid.qmax, grid.zero_point)
+        o_off = None if grid is None else uint8_offset(grid.qmin, grid.qmax, grid.zero_point)
         stage = None
         fused = not ep.exact and not ep.headroom  # the C stage rounds as gemmlowp
         if w8 is not None and self.a_off is not None and o_off is not None and fused:
@@ -481,95 +286,6 @@ class _Layer:
         out = np.concatenate(outs, axis=1)
         out = out.reshape(batch, oh, -1, out.shape[-1]).transpose(0, 3, 1, 2)
         env[self.name] = np.ascontiguousarray(out)
-
-
-def _pair(node: Node, key: str, default: int) -> tuple[int, int]:
-    v = node.attrs.get(key, default)
-    v = default if v is None else v
-    pair = (v, v) if isinstance(v, int | np.integer) else tuple(v)
-    if len(pair) != 2:
-        raise GraphError(f"node {node.name!r}: attribute {key!r} must be an int or a pair")
-    return int(pair[0]), int(pair[1])
-
-
-# ----------------------------------------------------------------------------- other ops
-
-
-def _windows(q: NDArray[Any], node: Node, pad_value: int) -> NDArray[Any]:
-    """Pooling windows ``[N, C, OH, OW, kh, kw]`` of ``q`` (padded with ``pad_value``)."""
-    k = _pair(node, "kernel_size", 1)
-    s = _pair(node, "stride", 0)
-    s = k if s == (0, 0) else s
-    p = _pair(node, "padding", 0)
-    if node.attrs.get("ceil_mode") or _pair(node, "dilation", 1) != (1, 1):
-        raise GraphError(f"node {node.name!r}: ceil_mode / dilation pooling is not supported")
-    padded = np.pad(q, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])), constant_values=pad_value)
-    win = np.lib.stride_tricks.sliding_window_view(padded, k, axis=(2, 3))
-    return win[:, :, :: s[0], :: s[1]]
-
-
-def _avgpool(q: NDArray[Any], node: Node, g: Grid) -> NDArray[Any]:
-    """``Z + round_half_even(sum(q - Z) / count)`` over each window."""
-    sums = _windows(q.astype(np.int64) - g.zero_point, node, 0).sum(axis=(-2, -1))
-    count: NDArray[np.int64] | int = math.prod(_pair(node, "kernel_size", 1))
-    if node.attrs.get("count_include_pad") is False:
-        ones = np.ones((1, 1, *q.shape[2:]), dtype=np.int64)
-        count = _windows(ones, node, 0).sum(axis=(-2, -1))
-    return _round_half_even_div(sums, count) + g.zero_point
-
-
-def _global_avgpool(q: NDArray[Any], g: Grid) -> NDArray[Any]:
-    sums = (q.astype(np.int64) - g.zero_point).sum(axis=(2, 3), keepdims=True)
-    return _round_half_even_div(sums, q.shape[2] * q.shape[3]) + g.zero_point
-
-
-def _clamp_codes(node: Node, g: Grid) -> tuple[int, int]:
-    """Code range of ``relu`` / ``clamp(min, max)`` on grid ``g`` (round commutes with clip)."""
-    if node.op == "relu":
-        return g.zero_point, g.qmax
-    lo, hi = node.attrs.get("min"), node.attrs.get("max")
-    return (g.qmin if lo is None else g.code(lo)), (g.qmax if hi is None else g.code(hi))
-
-
-def _pass_op(node: Node, g: Grid) -> Callable[[NDArray[Any]], NDArray[Any]]:
-    """The code-domain version of an op that commutes with ``q -> S (q - Z)``."""
-    if node.op in ("relu", "clamp"):
-        lo, hi = _clamp_codes(node, g)
-        return lambda q: np.clip(q, lo, hi)
-    if node.op == "maxpool2d":
-        return lambda q: _windows(q, node, np.iinfo(np.int32).min).max(axis=(-2, -1))
-    if node.op == "flatten":
-        start = int(node.attrs.get("start_dim", 1))
-        return lambda q: q.reshape(*q.shape[:start], -1)
-    if node.op == "slice":
-        a = node.attrs
-        index = tuple(slice(*t) for t in zip(a["starts"], a["stops"], a["steps"], strict=True))
-        return lambda q: q[index]
-    pads = [tuple(int(v) for v in p) for p in node.attrs["pads"]]  # pad
-    return lambda q: np.pad(q, pads, constant_values=g.zero_point)
-
-
-@dataclass
-class _Op:
-    """A non-weighted node: inputs rescaled to ``grid_in``, ``fn`` applied, result to ``grid``."""
-
-    name: str
-    inputs: list[str]
-    srcs: list[Grid]
-    grid_in: Grid
-    grid: Grid
-    fn: Callable[..., NDArray[Any]]
-
-    def __call__(self, env: Env) -> None:
-        pairs = zip(self.inputs, self.srcs, strict=True)
-        args = [rescale(env[i], src, self.grid_in) for i, src in pairs]
-        out = np.clip(self.fn(*args), self.grid_in.qmin, self.grid_in.qmax).astype(np.int32)
-        env[self.name] = rescale(out, self.grid_in, self.grid)
-
-
-def _add(g: Grid) -> Callable[..., NDArray[Any]]:
-    """Sum of operands on one grid: ``Z + sum_i (q_i - Z)``, in int64."""
-    return lambda *qs: sum(q.astype(np.int64) - g.zero_point for q in qs) + g.zero_point
 
 
 # ----------------------------------------------------------------------------- planning
@@ -678,7 +394,7 @@ class IntegerProgram:
     """
 
     graph: Graph
-    steps: list[_Layer | _Op]
+    steps: list[_Layer | Op]
     grids: dict[str, Grid | None]
     input_grid: Grid
     output_scale: NDArray[np.float64]
@@ -754,38 +470,38 @@ def _layer_step(plan: _Plan, node: Node, min_shift: int | None) -> _Layer:
     out = plan.out_name(node)
     centred = max(grid_in.zero_point - grid_in.qmin, grid_in.qmax - grid_in.zero_point)
     acc_bound = codes[0].size * centred * int(np.abs(codes).max(initial=0))
-    epilogue = _epilogue(node, np.abs(scale), bias, plan.grids[out], acc_bound, min_shift)
-    return _Layer(node, out, plan.grids[node.inputs[0]], grid_in, codes * sign, epilogue)
+    ep = epilogue(node, np.abs(scale), bias, plan.grids[out], acc_bound, min_shift)
+    return _Layer(node, out, plan.grids[node.inputs[0]], grid_in, codes * sign, ep)
 
 
-def _op_step(plan: _Plan, node: Node) -> _Op:
+def _op_step(plan: _Plan, node: Node) -> Op:
     grid = plan.grids[node.name]
     srcs = [plan.grids[i] for i in node.inputs]
     if node.op == "add":
         common = grid.widened()
-        return _Op(node.name, node.inputs, srcs, common, grid, _add(common))
+        return Op(node.name, node.inputs, srcs, common, grid, add_codes(common))
     if node.op in ("avgpool2d", "global_avgpool2d"):
         src = srcs[0]
         fn = (
-            (lambda q: _avgpool(q, node, src))
+            (lambda q: avgpool(q, node, src))
             if node.op == "avgpool2d"
-            else (lambda q: _global_avgpool(q, src))
+            else (lambda q: global_avgpool(q, src))
         )
-        return _Op(node.name, node.inputs, srcs, src, grid, fn)
-    return _Op(node.name, node.inputs, srcs, grid, grid, _pass_op(node, grid))
+        return Op(node.name, node.inputs, srcs, src, grid, fn)
+    return Op(node.name, node.inputs, srcs, grid, grid, pass_op(node, grid))
 
 
 def compile_integer(graph: Graph, *, min_shift: int | None = None) -> IntegerProgram:
     """Compile ``graph`` for integer-only inference (Jacob et al. 2018).
 
-    ``min_shift`` None (the default): every layer requantises with the exact single-rounding
-    64-bit scheme (:func:`_exact_epilogue`), so the codes are the correctly rounded real values
-    whatever the weights (trained or not). An integer selects gemmlowp's double rounding instead:
-    layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits of accumulator
-    headroom (see the module docstring); 0 gives plain gemmlowp requantisation everywhere (the
-    kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
+    ``min_shift`` None (the default): every layer requantises with the exact single-rounding 64-bit
+    scheme (:func:`~lowbit.runtime.requant.exact_epilogue`), so the codes are the correctly rounded
+    real values whatever the weights (trained or not). An integer selects gemmlowp's double rounding
+    instead: layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits of
+    accumulator headroom (see the module docstring); 0 gives plain gemmlowp requantisation
+    everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
 
-    Raises :class:`~lowbit.runtime.graph.GraphError` naming the node when part of the graph is
+    Raises :class:`~lowbit.contract.GraphError` naming the node when part of the graph is
     not integer-only (float weights or activations, a BatchNorm that does not follow a layer,
     dynamic/sign input quantisers, asymmetric ternary weights) or unsupported.
     """
@@ -798,7 +514,7 @@ def compile_integer(graph: Graph, *, min_shift: int | None = None) -> IntegerPro
     plan = _Plan(graph)
     _check_nodes(graph, plan)
     _plan_grids(plan)
-    steps: list[_Layer | _Op] = []
+    steps: list[_Layer | Op] = []
     out_scale = out_bias = np.ones(0)
     for node in graph.nodes:
         if node.op in WEIGHTED_OPS:

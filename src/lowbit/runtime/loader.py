@@ -12,7 +12,7 @@ A ``.lowbit`` file is one `safetensors <https://github.com/huggingface/safetenso
      "num_classes": 10, "meta": {...free-form: producer, recipe, model, preprocess...},
      "nodes": [{"name": "conv1", "op": "conv2d", "inputs": ["input"], "attrs": {...},
                 "shape": [null, 16, 28, 28],
-                "methods": {"weights": "lsq", "activations": "lsq"},
+                "methods": {"weights": "<method>", "activations": "<method>"},
                 "weight": {"tensor": "conv1.weight", "spec": {"scheme": "uniform", "bits": 4,
                            "qmin": -8, "qmax": 7, "axis": null, "signed": true,
                            "scale": "conv1.weight.scale", "zero_point": null,
@@ -45,7 +45,7 @@ The reader validates before it allocates: file and header size limits, the safet
 the lowbit header (format, version, every key's type), and for every tensor that the header's
 packing, shape and byte count agree with the payload; element counts are bounded by
 :data:`MAX_ELEMENTS` and, through the byte counts, by the file size. Then it decodes the tensors,
-builds the :class:`~lowbit.runtime.graph.Graph` and validates it (references, shapes, specs,
+builds the :class:`~lowbit.contract.Graph` and validates it (references, shapes, specs,
 codes within their spec). Any problem is a :class:`LowbitFileError` naming the file.
 """
 
@@ -57,14 +57,17 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .. import packing
-from .executor import Model, _is_int
-from .graph import OPS, Graph, GraphError, Node
+from ..contract import Graph, GraphError, is_int
+from .model import Model
+from .onnx_model import OnnxModel
+from .shapes import infer_shapes
 
 __all__ = [
     "FORMAT",
@@ -73,9 +76,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "PACKINGS",
     "VERSION",
-    "FileSummary",
     "LowbitFileError",
-    "file_summary",
     "graph_from_bytes",
     "load",
     "load_graph",
@@ -91,21 +92,6 @@ MAX_HEADER_BYTES = 16 * 2**20
 MAX_ELEMENTS = 2**31
 """Largest total number of elements (codes and floats) over all tensors of a file."""
 MAX_RANK = 8
-MAX_NAME = 256
-MAX_NODES = 100_000
-SPEC_TENSORS = ("scale", "zero_point", "scale_neg")
-NODE_KEYS = (
-    "name",
-    "op",
-    "inputs",
-    "attrs",
-    "shape",
-    "methods",
-    "weight",
-    "bias",
-    "params",
-    "input_quant",
-)
 
 
 class LowbitFileError(ValueError):
@@ -166,13 +152,8 @@ class _Checker:
             raise self.fail(f"{where}.{key} has the wrong type ({type(v).__name__})")
         return v
 
-    def name(self, v: Any, where: str) -> str:
-        if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME:
-            raise self.fail(f"{where} must be a name of 1 to {MAX_NAME} characters, got {v!r:.60}")
-        return v
-
     def int_in(self, v: Any, lo: int, hi: int, where: str) -> int:
-        if not _is_int(v) or not lo <= v <= hi:
+        if not is_int(v) or not lo <= v <= hi:
             raise self.fail(f"{where} must be an integer in [{lo}, {hi}], got {v!r:.60}")
         return int(v)
 
@@ -287,7 +268,7 @@ def _lowbit_header(raw: _Raw, check: _Checker) -> dict[str, Any]:
     if fmt != FORMAT:
         raise check.fail(f"format is {fmt!r:.40}, not {FORMAT!r}")
     version = header.get("version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise check.fail(f"bad format version {version!r:.40}")
     if version > VERSION:
         raise check.fail(
@@ -341,160 +322,50 @@ def _decode(name: str, entry: dict[str, Any], raw: _Raw, check: _Checker) -> NDA
 
 
 # ============================================================================= graph
-class _GraphReader:
-    """Builds the Graph from a checked header; every tensor must be used exactly once."""
+class _Tensors:
+    """The ``get`` hook of :meth:`Graph.from_json`: decodes named tensors of the file, each used
+    exactly once, codes only from code packings and floats only from ``float32``."""
 
     def __init__(self, header: dict[str, Any], raw: _Raw, check: _Checker) -> None:
-        self.header, self.raw, self.check = header, raw, check
+        self.raw, self.check = raw, check
         self.entries: dict[str, dict[str, Any]] = header["tensors"]
         self.used: set[str] = set()
 
-    def tensor(
-        self, ref: Any, where: str, packings: tuple[str, ...] = ("float32",)
-    ) -> NDArray[Any]:
-        check = self.check
+    def __call__(self, ref: Any, where: str, codes: bool = False) -> NDArray[Any]:
         if not isinstance(ref, str) or ref not in self.entries:
-            raise check.fail(f"{where} names no tensor of the file ({ref!r:.80})")
+            raise GraphError(f"{where} names no tensor of the file ({ref!r:.80})")
         if ref in self.used:
-            raise check.fail(f"{where}: tensor {ref!r:.80} is used twice")
+            raise GraphError(f"{where}: tensor {ref!r:.80} is used twice")
+        packings = CODE_PACKINGS if codes else ("float32",)
         if self.entries[ref]["packing"] not in packings:
-            raise check.fail(
+            raise GraphError(
                 f"{where}: tensor {ref!r:.80} has packing {self.entries[ref]['packing']!r}, "
                 f"expected {' or '.join(packings)}"
             )
         self.used.add(ref)
-        return _decode(ref, self.entries[ref], self.raw, check)
-
-    def spec(self, d: Any, where: str) -> dict[str, Any]:
-        check = self.check
-        if not isinstance(d, dict):
-            raise check.fail(f"{where} must be a JSON object")
-        spec = {k: v for k, v in d.items() if k not in SPEC_TENSORS}
-        for key in ("scheme", "bits", "qmin", "qmax", "axis", "signed"):
-            if key not in d:
-                raise check.fail(f"{where} has no {key!r}")
-        spec["scale"] = self.tensor(d.get("scale"), f"{where}.scale")
-        for key in ("zero_point", "scale_neg"):
-            spec[key] = None if d.get(key) is None else self.tensor(d[key], f"{where}.{key}")
-        return spec
-
-    def weight(self, node: Node, d: Any, where: str) -> None:
-        tensor = self.check.get(d, "tensor", str, where)
-        spec = d.get("spec") if isinstance(d, dict) else None
-        if spec is None:
-            node.weight_float = self.tensor(tensor, f"{where}.tensor")
-            return
-        codes = self.tensor(tensor, f"{where}.tensor", CODE_PACKINGS)
-        node.weight_spec = self.spec(spec, f"{where}.spec")
-        node.weight_codes = codes
-
-    def input_quant(self, d: Any, where: str) -> dict[str, Any] | None:
-        if d is None:
-            return None
-        kind = self.check.get(d, "kind", str, where)
-        iq = {k: v for k, v in d.items() if k not in ("spec", "inv_scale")}
-        if kind == "static":
-            iq["spec"] = self.spec(d.get("spec"), f"{where}.spec")
-            inv = d.get("inv_scale")
-            iq["inv_scale"] = None if inv is None else self.tensor(inv, f"{where}.inv_scale")
-        return iq
-
-    def node(self, d: Any, index: int) -> Node:
-        check = self.check
-        where = f"nodes[{index}]"
-        if not isinstance(d, dict):
-            raise check.fail(f"{where} must be a JSON object")
-        unknown = [k for k in d if k not in NODE_KEYS]
-        if unknown:
-            raise check.fail(f"{where} has unknown key {unknown[0]!r:.40}")
-        name = check.name(d.get("name"), f"{where}.name")
-        where = f"node {name!r}"
-        op = check.get(d, "op", str, where)
-        if op not in OPS:
-            raise check.fail(f"{where}: unknown op {op!r:.40}; this reader knows {', '.join(OPS)}")
-        inputs = check.get(d, "inputs", list, where)
-        for i in inputs:
-            check.name(i, f"{where} input")
-        attrs = d.get("attrs") or {}
-        if not isinstance(attrs, dict):
-            raise check.fail(f"{where}.attrs must be a JSON object")
-        if d.get("shape") is not None:
-            check.shape(d["shape"], f"{where}.shape", batch=True)
-        methods = d.get("methods") or {}
-        if not isinstance(methods, dict) or not all(
-            v is None or isinstance(v, str) for v in methods.values()
-        ):
-            raise check.fail(f"{where}.methods must map weights/activations to method names")
-        node = Node(name, op, list(inputs), attrs=dict(attrs))
-        if d.get("weight") is not None:
-            self.weight(node, d["weight"], f"{where}.weight")
-        if d.get("bias") is not None:
-            node.bias = self.tensor(d["bias"], f"{where}.bias")
-        params = d.get("params") or {}
-        if not isinstance(params, dict):
-            raise check.fail(f"{where}.params must be a JSON object")
-        node.params = {k: self.tensor(v, f"{where}.params.{k}") for k, v in params.items()}
-        node.input_quant = self.input_quant(d.get("input_quant"), f"{where}.input_quant")
-        return node
-
-    def graph(self) -> Graph:
-        check, header = self.check, self.header
-        nodes_json = check.get(header, "nodes", list, "header")
-        if not 0 < len(nodes_json) <= MAX_NODES:
-            raise check.fail(f"the graph must have 1 to {MAX_NODES} nodes")
-        inputs = check.get(header, "inputs", list, "header")
-        outputs = check.get(header, "outputs", list, "header")
-        for n in (*inputs, *outputs):
-            check.name(n, "graph input/output")
-        input_shape = check.shape(
-            check.get(header, "input_shape", list, "header"), "input_shape", batch=True
-        )
-        meta = header.get("meta", {})
-        if not isinstance(meta, dict):
-            raise check.fail("meta must be a JSON object")
-        nodes = [self.node(d, i) for i, d in enumerate(nodes_json)]
-        unused = sorted(set(self.entries) - self.used)
-        if unused:
-            raise check.fail(f"tensor {unused[0]!r:.80} is not used by any node")
-        meta = dict(meta)
-        meta["shapes"] = {d["name"]: d.get("shape") for d in nodes_json}
-        meta["methods"] = {d["name"]: d["methods"] for d in nodes_json if d.get("methods")}
-        if "num_classes" in header:
-            meta["num_classes"] = header["num_classes"]
-        return Graph(list(inputs), input_shape, nodes, list(outputs), meta)
+        return _decode(ref, self.entries[ref], self.raw, self.check)
 
 
 def _parse(data: bytes, source: str) -> tuple[_Raw, dict[str, Any], Graph]:
     check = _Checker(source)
     raw = _read_container(data, check)
     header = _lowbit_header(raw, check)
-    graph = _GraphReader(header, raw, check).graph()
+    tensors = _Tensors(header, raw, check)
+    body = {k: v for k, v in header.items() if k not in ("format", "version", "tensors")}
     try:
-        graph.validate()
+        graph = Graph.from_json(body, tensors)
+        unused = sorted(set(tensors.entries) - tensors.used)
+        if unused:
+            raise GraphError(f"tensor {unused[0]!r:.80} is not used by any node")
+        infer_shapes(graph)
     except GraphError as err:
         raise check.fail(str(err)) from None
-    _check_declared_shapes(graph, check)
     return raw, header, graph
 
 
 def graph_from_bytes(data: bytes, source: str = "<bytes>") -> Graph:
     """Parse and validate a ``.lowbit`` file's bytes into a :class:`Graph`."""
     return _parse(data, source)[2]
-
-
-def _check_declared_shapes(graph: Graph, check: _Checker) -> None:
-    """Each node's declared shape (if any) must equal the inferred one."""
-    from .executor import infer_shapes
-
-    try:
-        shapes = infer_shapes(graph)
-    except GraphError as err:
-        raise check.fail(str(err)) from None
-    for name, declared in graph.meta["shapes"].items():
-        if declared is not None and declared != shapes.get(name):
-            raise check.fail(
-                f"node {name!r}: header shape {declared} but the graph gives {shapes.get(name)}"
-            )
 
 
 def _read(path: str | os.PathLike[str]) -> bytes:
@@ -519,131 +390,20 @@ def loads(data: bytes, source: str = "<bytes>", engine: str = "float") -> Model:
         raise LowbitFileError(f"{source}: {err}") from None
 
 
-def load(path: str | os.PathLike[str], engine: str = "float") -> Model:
+def load(path: str | os.PathLike[str], engine: str = "float") -> Model | OnnxModel:
     """Load a ``.lowbit`` file for CPU inference: validated, decoded, ready to call.
 
     Needs neither torch nor the training code; never unpickles. A truncated, corrupt or
     hostile file raises :class:`LowbitFileError` (a ValueError) naming the file. ``engine``:
     ``"float"`` (default), ``"integer"`` (integer-only; an error for graphs that are not) or
-    ``"auto"`` (integer where possible), see :class:`Model`.
+    ``"auto"`` (integer where possible), see :class:`Model`. A ``.onnx`` file (from
+    ``lowbit export --format onnx``) loads as an :class:`OnnxModel` on onnxruntime instead,
+    with its input normalisation, for ``lowbit run``; ``engine`` ``"integer"`` is refused there.
     """
-    return loads(_read(path), str(path), engine=engine)
-
-
-# ============================================================================= summary
-@dataclass
-class FileSummary:
-    """Per-layer storage of a ``.lowbit`` file, measured from its tensors.
-
-    ``rows``: one dict per conv/linear node with ``layer``, ``op``, ``weights`` and
-    ``activations`` (method names, None for float), ``packing``, ``bits`` (stored bits per
-    weight), ``params`` (weights), ``bytes`` (the weight's codes plus its scales; biases are
-    not counted) and ``float32_bytes`` (``4 params``). ``file_bytes`` is the whole file;
-    ``float32_file_bytes`` estimates the same graph with every weight stored as float32.
-    """
-
-    path: str
-    rows: list[dict[str, Any]]
-    file_bytes: int
-    float32_file_bytes: int
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(r["bytes"] for r in self.rows)
-
-    @property
-    def float32_weight_bytes(self) -> int:
-        return sum(r["float32_bytes"] for r in self.rows)
-
-    def table(self) -> Any:
-        """A ``rich`` table of the rows and the totals."""
-        from rich.table import Table
-
-        t = Table(title=f"{self.path}")
-        for col in (
-            "layer",
-            "op",
-            "weights",
-            "activations",
-            "bits",
-            "params",
-            "bytes",
-            "float32 bytes",
-        ):
-            t.add_column(col, justify="left" if col in ("layer", "op") else "right")
-        for r in self.rows:
-            t.add_row(
-                r["layer"],
-                r["op"],
-                r["weights"] or "float",
-                r["activations"] or "float",
-                f"{r['bits']:.3g}",
-                f"{r['params']:,}",
-                f"{r['bytes']:,}",
-                f"{r['float32_bytes']:,}",
+    if Path(path).suffix.lower() == ".onnx":
+        if engine == "integer":
+            raise ValueError(
+                f"{path}: engine 'integer' runs .lowbit files; ONNX runs on onnxruntime"
             )
-        ratio = self.float32_weight_bytes / max(self.weight_bytes, 1)
-        t.add_row(
-            "weights",
-            "",
-            "",
-            "",
-            "",
-            "",
-            f"{self.weight_bytes:,}",
-            f"{self.float32_weight_bytes:,} ({ratio:.1f}x)",
-            end_section=True,
-        )
-        ratio = self.float32_file_bytes / max(self.file_bytes, 1)
-        t.add_row(
-            "file",
-            "",
-            "",
-            "",
-            "",
-            "",
-            f"{self.file_bytes:,}",
-            f"{self.float32_file_bytes:,} ({ratio:.1f}x)",
-        )
-        return t
-
-
-def _stored_bytes(raw: _Raw, name: str | None) -> int:
-    if name is None:
-        return 0
-    begin, end = raw.table[name]["data_offsets"]
-    return end - begin
-
-
-def file_summary(path: str | os.PathLike[str]) -> FileSummary:
-    """Per-layer bits and bytes of a ``.lowbit`` file and its size against float32 storage
-    (for ``lowbit summary model.lowbit``). The file is fully validated first."""
-    data = _read(path)
-    raw, header, _ = _parse(data, str(path))
-    rows, saved = [], 0
-    for d in header["nodes"]:
-        weight = d.get("weight")
-        if weight is None:
-            continue
-        entry = header["tensors"][weight["tensor"]]
-        n = math.prod(entry["shape"])
-        spec = weight.get("spec") or {}
-        stored = sum(
-            _stored_bytes(raw, k) for k in (weight["tensor"], *(spec.get(k) for k in SPEC_TENSORS))
-        )
-        saved += 4 * n - stored
-        methods = d.get("methods") or {}
-        rows.append(
-            {
-                "layer": d["name"],
-                "op": d["op"],
-                "weights": methods.get("weights"),
-                "activations": methods.get("activations"),
-                "packing": entry["packing"],
-                "bits": 8 * _stored_bytes(raw, weight["tensor"]) / n,
-                "params": n,
-                "bytes": stored,
-                "float32_bytes": 4 * n,
-            }
-        )
-    return FileSummary(str(path), rows, len(data), len(data) + saved)
+        return OnnxModel(path)
+    return loads(_read(path), str(path), engine=engine)

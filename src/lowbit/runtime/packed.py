@@ -1,4 +1,4 @@
-"""Binary and ternary layers on packed sign bits, channels last (the executor's fast path).
+"""Binary and ternary layers on packed sign bits, channels last (the float engine's fast path).
 
 A layer whose weights are binary or ternary and whose input quantiser is a sign (BNN, XNOR-Net
 with a per-sample ``beta``, TWN/TTQ weights with sign activations) runs here as one or two
@@ -154,7 +154,7 @@ class PackedGemm:
     layer output is ``sum_j scale_j (matrix_j * sign(x))`` (times ``beta``, plus ``bias``).
     ``binary``: the matrices are +-1 (XNOR-popcount); otherwise ternary bit planes.
     ``in_chw``: ``(C, H, W)`` of a conv input; ``geometry`` the conv's
-    :class:`~lowbit.runtime.executor.Conv` (None for a linear layer).
+    :class:`~lowbit.runtime.geometry.Conv` (None for a linear layer).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The float engine's whole-graph plan: channels-last activations, packed bits between binary
 layers, in-place elementwise steps (built once when a :class:`~lowbit.runtime.Model` loads).
 
-:meth:`Model.run_node <lowbit.runtime.executor.Model.run_node>` evaluates one node in the graph's
+:meth:`Model.run_node <lowbit.runtime.model.Model.run_node>` evaluates one node in the graph's
 ``[N, C, H, W]`` layout; a whole forward pass instead runs this :class:`Program`, which computes
 the same values with less data movement:
 
@@ -29,22 +29,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .executor import (
-    _OPS,
-    F32,
-    Layer,
-    Shape,
-    _batchnorm,
-    _pads,
-    _pool_geometry,
-    _slices,
-    to_channels_first,
-    to_channels_last,
-)
-from .graph import Graph, Node
+from ..contract import Graph, Node, Shape, SignQuant
+from .geometry import pool_geometry
+from .layers import Layer
+from .ops import NODE_OPS, batchnorm, to_channels_first, to_channels_last
 from .packed import Bits, ThresholdPlan, pool_bits, window_reduce
+from .shapes import pads, slices
 
 __all__ = ["Program"]
+
+F32 = np.float32
 
 Value = Any  # a float array (channels last when 4-D) or Bits
 Step = tuple[str, list[str], Callable[[list[Value]], Value], list[str]]
@@ -80,7 +74,7 @@ class Program:
     # -- planning ------------------------------------------------------------------------------
     def _packed_sign_layer(self, node: Node) -> bool:
         layer = self.layers.get(node.name)
-        return layer is not None and layer.packed is not None and layer.iq["kind"] == "sign"
+        return layer is not None and layer.packed is not None and isinstance(layer.iq, SignQuant)
 
     def _sign_only(self, name: str) -> bool:
         """Whether value ``name`` is only ever read through a sign (packed sign layers, or
@@ -106,7 +100,7 @@ class Program:
         if not self._sign_only(value):
             return
         post: Callable[[NDArray[np.float32]], NDArray[np.float32]] = (
-            (lambda y: y) if bn is None else (lambda y: _batchnorm(bn, y))
+            (lambda y: y) if bn is None else (lambda y: batchnorm(bn, y))
         )
         plan = layer.packed.threshold(post)
         if plan is None:
@@ -138,7 +132,7 @@ class Program:
         if node.name in self.bits:
             if op == "batchnorm":
                 return lambda a: a[0]
-            geo = _pool_geometry(node)
+            geo = pool_geometry(node)
             return lambda a: pool_bits(a[0], geo.kernel, geo.stride, geo.padding)
         channels_last = op != "batchnorm" or rank in (2, 4)  # BN: channels are the last axis
         if op in ("batchnorm", "relu", "clamp", "add") and channels_last:
@@ -146,7 +140,7 @@ class Program:
             return self._elementwise(node)
         if op == "maxpool2d":
             self.fresh.add(node.name)
-            geo = _pool_geometry(node)
+            geo = pool_geometry(node)
             return lambda a: window_reduce(
                 a[0], geo.kernel, geo.stride, geo.padding, np.maximum, -np.inf
             )
@@ -183,7 +177,7 @@ class Program:
         output back to channels last."""
         to_graph = [len(self.shapes[i]) == 4 for i in node.inputs]
         back = len(self.shapes[node.name]) == 4
-        fn = _OPS[node.op]
+        fn = NODE_OPS[node.op]
 
         def generic(a: list[Value]) -> Value:
             args = [to_channels_first(v) if t else v for v, t in zip(a, to_graph, strict=True)]
@@ -208,20 +202,20 @@ class Program:
 
 def _slice_last(node: Node) -> Callable[[list[Value]], Value]:
     """A 4-D slice on a channels-last value."""
-    s = _slices(node, 4)
+    s = slices(node, 4)
     sl = (s[0], s[2], s[3], s[1])
     return lambda a: np.ascontiguousarray(a[0][sl])
 
 
 def _pad_last(node: Node) -> Callable[[list[Value]], Value]:
     """A 4-D zero pad on a channels-last value."""
-    p = _pads(node, 4)
-    pads = [p[0], p[2], p[3], p[1]]
+    p = pads(node, 4)
+    last = [p[0], p[2], p[3], p[1]]
 
     def pad(a: list[Value]) -> Value:
         x = a[0]
-        out = np.zeros([d + lo + hi for d, (lo, hi) in zip(x.shape, pads, strict=True)], x.dtype)
-        out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, pads, strict=True))] = x
+        out = np.zeros([d + lo + hi for d, (lo, hi) in zip(x.shape, last, strict=True)], x.dtype)
+        out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, last, strict=True))] = x
         return out
 
     return pad
