@@ -43,7 +43,10 @@ class ConvBnAct(nn.Module):
     that side in float. ``act`` is ``nn.ReLU``, ``nn.ReLU6`` or None. See the module docstring
     for the two phases. Buffers ``steps`` (training forwards so far, int64) and ``bn_frozen``
     (bool) persist the schedule in the state dict; Python copies of them decide the phase so the
-    forward needs no host sync.
+    forward needs no host sync. Under ``torch.compile`` the phase is a Python flag: switching it
+    (``freeze_bn()``) recompiles once; with ``freeze_bn_after`` set, the pending count is a
+    Python int, so each training step before the freeze recompiles (call ``freeze_bn()`` from
+    the training loop instead when compiling).
     """
 
     def __init__(
@@ -124,10 +127,13 @@ class ConvBnAct(nn.Module):
             y = self._forward_frozen(x)
         else:
             after = self.freeze_bn_after
-            if not self._frozen and after is not None and self._steps >= after:
-                self.freeze_bn()  # once freeze_bn_after training forwards have run
+            if not self._frozen and after is not None:
+                # the Python count is kept only while a scheduled freeze is pending: a compiled
+                # forward then has no Python int that changes every step
+                if self._steps >= after:
+                    self.freeze_bn()  # once freeze_bn_after training forwards have run
+                self._steps += 1
             y = self._forward_frozen(x) if self._frozen else self._forward_batch_stats(x)
-            self._steps += 1
             self.steps.add_(1)
         return y if self.act is None else self.act(y)
 

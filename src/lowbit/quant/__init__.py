@@ -8,12 +8,14 @@ from . import (
     functional,
     granularity,
     lsq,
+    ops,
     pact,
     pow2,
     stochastic,
     ternary,
 )
 from .base import Quantizer, QuantSpec, scale_grad
+from .lazy_init import initialize
 from .registry import create, get, methods, register, roles_of
 
 __all__ = [
@@ -27,8 +29,10 @@ __all__ = [
     "functional",
     "get",
     "granularity",
+    "initialize",
     "lsq",
     "methods",
+    "ops",
     "pact",
     "pow2",
     "register",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..contract import InputQuant
+from . import ops
 from .base import Quantizer, QuantSpec, channel_view
 from .functional import abs_rows, check_int, check_real, static_runtime_spec
 from .registry import register
@@ -66,12 +67,13 @@ def fake_quant(
 ) -> Tensor:
     """``S (clamp(round(x / S) + Z, qmin, qmax) - Z)`` with the clipping STE in backward.
 
-    Per tensor (``axis`` None) or per channel along ``axis`` via PyTorch's fused fake-quant ops.
+    Per tensor (``axis`` None) by the fused ``lowbit::affine_quant`` (PyTorch's values), or per
+    channel along ``axis`` by PyTorch's fused fake-quant op.
     The per-channel op checks an *integer* zero point's range with a host sync, so it is given
     as float (exact for integers up to 2^24).
     """
-    if axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    if axis is None:  # the same values as torch.fake_quantize_per_tensor_affine, fused kernels
+        return ops.affine_quant(x, scale, zero_point, qmin, qmax)
     return torch.fake_quantize_per_channel_affine(
         x, scale, zero_point.to(torch.float32), axis, qmin, qmax
     )

@@ -5,7 +5,9 @@ gradient straight through the sign inside the hardtanh range (METHODS.md, "Binar
 
     forward  b = sign(x)                 backward  dx = g * 1{|x| <= 1}
 
-The STE is :func:`lowbit.quant.functional.straight_through` with the mask :func:`hardtanh_mask`.
+The deterministic ones run the fused operator ``lowbit::sign_ste`` (:mod:`lowbit.quant.ops`:
+``scale * sign(x)`` and its masked gradient, one pass each); BinaryConnect's random draw uses
+:func:`lowbit.quant.functional.straight_through` with the mask :func:`hardtanh_mask`.
 :func:`sign_levels` and :func:`binary_spec` also serve DoReFa's 1-bit weights
 (:mod:`lowbit.quant.dorefa`).
 """
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..contract import InputQuant, SignMeanAbsQuant, SignQuant
+from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view
 from .functional import (
     MAX_SEED,
@@ -87,7 +90,7 @@ class SignBNN(Quantizer):
         self.bits = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return ops.sign_ste(x, scalar_like(x, 1.0))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(x)`` in ``{-1, +1}``, scale 1."""
@@ -129,7 +132,7 @@ class XNORWeight(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         alpha = channel_view(_filter_means(x), x.dim(), 0)
-        return alpha * straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return alpha * ops.sign_ste(x, scalar_like(x, 1.0))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(W)``; scale ``alpha`` of shape [C_out] along axis 0."""
@@ -161,7 +164,7 @@ class XNORActivation(Quantizer):
         return x.detach().abs().mean(dim=dims, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._beta(x) * straight_through(x, sign_levels(x), hardtanh_mask(x))
+        return ops.sign_ste(x, self._beta(x))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """Codes ``sign(x)``; scale ``beta`` broadcastable to ``x`` (``axis=None``)."""
@@ -183,9 +186,10 @@ class BinaryConnect(SeededRandom, Quantizer):
     (drawn as ``u < p`` with ``u ~ U[0, 1)``). Evaluation mode: deterministic ``sign(w)`` with
     ``sign(0) = +1``. Backward: hardtanh STE ``dw = g * 1{|w| <= 1}`` in both modes.
 
-    The random numbers come from a :class:`torch.Generator` owned by the module, seeded with
-    ``seed`` and created on the first training forward on the input's device (re-created, and so
-    re-seeded, if the input moves to another device). ``latent_range = (-1, 1)``.
+    The random numbers come from the module's own stream (:class:`SeededRandom`): that of a
+    :class:`torch.Generator` seeded with ``seed``, created on the first forward on the input's
+    device (re-created, and so re-seeded, if the input moves to another device).
+    ``latent_range = (-1, 1)``.
     """
 
     latent_range = (-1.0, 1.0)
@@ -202,8 +206,10 @@ class BinaryConnect(SeededRandom, Quantizer):
         return _plus_minus_one(self.uniform_like(wd) < p, wd)
 
     def forward(self, x: Tensor) -> Tensor:
-        levels = self._sample(x) if self.training else sign_levels(x)
-        return straight_through(x, levels, hardtanh_mask(x))
+        if not self.training:
+            self.rng_state(x.device)  # created in eval too, so a compiled training step finds it
+            return ops.sign_ste(x, scalar_like(x, 1.0))
+        return straight_through(x, self._sample(x), hardtanh_mask(x))
 
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:
         """The deterministic (evaluation) codes ``sign(w)``, scale 1.

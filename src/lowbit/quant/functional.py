@@ -5,7 +5,7 @@
   raise a ValueError that names the option and the bad value;
 * the straight-through estimator :func:`straight_through` (Bengio et al. 2013);
 * uniform-grid helpers (:func:`signed_bounds`, :func:`uniform_codes`, :func:`uniform_grid_codes`)
-  and small tensor helpers (:func:`rowwise_dot`, :func:`positive`, :func:`abs_rows`,
+  and small tensor helpers (:func:`positive`, :func:`abs_rows`,
   :func:`scalar_like`);
 * :class:`SeededRandom`, the module-owned random stream of the stochastic quantisers;
 * :func:`static_runtime_spec`, the deployment form of a fixed-grid activation quantiser.
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from ..contract import StaticQuant
+from . import ops
 from .base import QuantSpec, Role, channel_view
 from .registry import ROLES
 
@@ -156,15 +157,6 @@ def static_runtime_spec(spec: QuantSpec, inv_scale: Tensor | float) -> StaticQua
 
 
 # --------------------------------------------------------------------------- tensor helpers
-def rowwise_dot(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
-    """``sum(a * b)`` reduced to the shape of ``like``: a scalar, or one value per row of dim 0.
-
-    The gradient of a per-tensor or per-output-channel scale, in one fused multiply-reduce.
-    """
-    k = like.numel()
-    return torch.einsum("ki,ki->k", a.reshape(k, -1), b.reshape(k, -1)).reshape(like.shape)
-
-
 def positive(t: Tensor) -> Tensor:
     """``max(|t|, tiny)``: a learned scale kept strictly positive without touching ``.data``.
 
@@ -193,43 +185,46 @@ class SeededRandom:
     """Mixin for quantisers that draw random numbers from a generator they own.
 
     The subclass sets ``self.seed`` (checked with ``check_int("seed", seed, 0, MAX_SEED)``).
-    The :class:`torch.Generator` is created on first use on the input's device, seeded with
-    ``seed``, and created afresh (so re-seeded) if the input moves to another device; the
-    global RNG is never touched.
+    The stream is that of a :class:`torch.Generator` on the input's device seeded with ``seed``;
+    its state is held in a tensor (:meth:`rng_state`, created on the first call on a device,
+    afresh, so re-seeded, when the input moves to another device) and advanced in place by the
+    ``lowbit::uniform_from_state`` operator, so ``torch.compile`` traces the draws as one op with
+    the state as module state. The global RNG is never touched.
 
-    The generator's state is the module's ``extra_state`` in ``state_dict``, so a checkpoint
-    resumes the random stream where it stopped (restored when the generator is next created on
-    a device of the same kind; otherwise it is seeded afresh).
+    The state is the module's ``extra_state`` in ``state_dict``, so a checkpoint resumes the
+    random stream where it stopped (restored when the state is next created on a device of the
+    same kind; otherwise it is seeded afresh).
     """
 
     seed: int
-    _generator: torch.Generator | None = None
+    _rng_state: Tensor | None = None
+    _rng_device: torch.device | None = None
     _saved_state: Tensor | None = None
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The module's seeded generator on ``device`` (created on first use)."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+    def rng_state(self, device: torch.device) -> Tensor:
+        """The state (CPU uint8 tensor) of the module's stream on ``device``, created on first
+        use. Call it once outside ``torch.compile`` (any eager forward does) before compiling."""
+        if self._rng_state is None or self._rng_device != device:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
             if self._saved_state is not None:
                 with contextlib.suppress(RuntimeError):  # a state saved on another device kind
-                    self._generator.set_state(self._saved_state)
+                    gen.set_state(self._saved_state)
                 self._saved_state = None
-        return self._generator
+            self._rng_state, self._rng_device = gen.get_state(), device
+        return self._rng_state
 
     def get_extra_state(self) -> Tensor:
         """The generator state (a ByteTensor); that of a fresh seeded CPU one before first use."""
-        if self._generator is not None:
-            return self._generator.get_state()
+        if self._rng_state is not None:
+            return self._rng_state.clone()
         if self._saved_state is not None:
             return self._saved_state
         return torch.Generator().manual_seed(self.seed).get_state()
 
     def set_extra_state(self, state: Tensor) -> None:
         self._saved_state = state.clone()
-        self._generator = None
+        self._rng_state = None
 
     def uniform_like(self, x: Tensor) -> Tensor:
-        """Draws ``u ~ U[0, 1)`` of ``x``'s shape, dtype and device from :meth:`generator`."""
-        return torch.rand(
-            x.shape, generator=self.generator(x.device), dtype=x.dtype, device=x.device
-        )
+        """Draws ``u ~ U[0, 1)`` of ``x``'s shape, dtype and device from the module's stream."""
+        return ops.uniform_from_state(x.detach(), self.rng_state(x.device))

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..contract import InputQuant
+from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view, scale_grad
 from .functional import (
     abs_rows,
@@ -27,50 +27,11 @@ from .functional import (
     check_per_channel,
     check_role,
     positive,
-    rowwise_dot,
     signed_bounds,
     static_runtime_spec,
     uniform_grid_codes,
 )
 from .registry import ROLES, register
-
-
-# --------------------------------------------------------------------------- LSQ autograd
-class _LSQFunction(torch.autograd.Function):
-    """``v_hat = clamp(round(v / s), -QN, QP) * s`` with LSQ's gradients (Esser 2019, Eq. 3).
-
-    Boundary convention (that of ``torch._fake_quantize_learnable_per_tensor_affine``): an
-    element counts as inside the range when its *rounded* value ``round(v / s)`` lies in
-    ``[-QN, QP]``. Inside, ``dv_hat/dv = 1`` and ``dv_hat/ds = round(v/s) - v/s``; outside,
-    ``dv_hat/dv = 0`` and ``dv_hat/ds = -QN`` or ``QP``. This differs from the paper's
-    ``1{-QN < v/s < QP}`` only in the half step just beyond each clip edge, whose values round
-    onto the edge level anyway: there the step gradient is ``round(v/s) - v/s`` (at most 1/2 in
-    size) instead of ``QP`` or ``-QN``, and ``v`` gets the gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, v: Tensor, s: Tensor, qn: int, qp: int) -> Tensor:
-        # codes as uniform_codes computes them (same ops, bit for bit), keeping round(q) and
-        # forming backward's terms here rather than re-deriving q and the clip in backward
-        q = v * (1.0 / s)
-        r = q.round()
-        rc = r.clamp(-qn, qp)
-        inside = (r == rc).to(q.dtype)
-        ds = None
-        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
-            # inside: round(q) - q = rc - q; outside: rc (-QN or QP). q clipped one level beyond
-            # the range stays finite (so 0 * q = 0), and inside-ness is unchanged.
-            ds = rc - q.clamp_(-qn - 1, qp + 1).mul_(inside)
-        ctx.save_for_backward(inside, ds, s)
-        return rc.mul_(s)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        inside, ds, s = ctx.saved_tensors
-        grad_v = g * inside if ctx.needs_input_grad[0] else None
-        grad_s = rowwise_dot(ds, g, s) if ctx.needs_input_grad[1] else None
-        return grad_v, grad_s, None, None
 
 
 # --------------------------------------------------------------------------- LSQ module
@@ -79,8 +40,13 @@ class LSQ(Quantizer):
     """Learned Step Size Quantization (Esser et al. 2019), weights or activations.
 
     Forward ``v_hat = round(clip(v / s, -QN, QP)) * s`` (round half to even). Backward:
-    ``dv_hat/dv = 1`` inside the range, 0 outside; ``dv_hat/ds`` by Eq. 3 (boundary convention
-    in :class:`_LSQFunction`). The step gradient is multiplied by ``gs = 1 / sqrt(N * QP)``
+    ``dv_hat/dv = 1`` inside the range, 0 outside; ``dv_hat/ds`` by Eq. 3. Boundary convention
+    (that of ``torch._fake_quantize_learnable_per_tensor_affine``): an element counts as inside
+    when its *rounded* value ``round(v / s)`` lies in ``[-QN, QP]``; there ``dv_hat/ds =
+    round(v/s) - v/s``, outside ``-QN`` or ``QP``. This differs from the paper's
+    ``1{-QN < v/s < QP}`` only in the half step just beyond each clip edge, whose values round
+    onto the edge level anyway. Forward and backward are the fused ``lowbit::lsq_quant``
+    operator (:mod:`lowbit.quant.ops`). The step gradient is multiplied by ``gs = 1 / sqrt(N * QP)``
     (Eq. 4) through ``s_used = s * gs + (s - s * gs).detach()``, where ``N`` is the number of
     elements that share one step: all weights of the layer, the weights of one output channel
     when ``per_channel``, or the features of one sample (``x[0].numel()``) for activations.
@@ -179,7 +145,7 @@ class LSQ(Quantizer):
         return scale_grad(s, self.grad_factor(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _LSQFunction.apply(x, self._scale(x), self._qn, self._qp)
+        return ops.lsq_quant(x, self._scale(x), self._qn, self._qp)
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:

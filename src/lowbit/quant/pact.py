@@ -6,56 +6,33 @@ on ``[0, alpha]``: ``yq = round(y * (2^k - 1) / alpha) * alpha / (2^k - 1)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..contract import InputQuant, StaticQuant
+from . import ops
 from .base import Quantizer, QuantSpec
 from .functional import (
     CODE_DTYPE,
     check_int,
     check_real,
     positive,
-    rowwise_dot,
     static_runtime_spec,
     uniform_codes,
 )
 from .registry import register
 
 
-class _ClippedUniform(torch.autograd.Function):
-    """``round(clip(x, 0, alpha) * n / alpha) * alpha / n`` with PACT's straight-through rule.
-
-    Backward: ``dyq/dx = 1{0 <= x < alpha}`` and ``dyq/dalpha = 1{x >= alpha}`` (PACT's rule:
-    the rounding is passed straight through, so only the clip decides). At ``x = alpha`` the
-    gradient goes to ``alpha``, not to ``x``; at ``x = 0`` it goes to ``x``.
-    """
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, alpha: Tensor, n: int) -> Tensor:
-        ctx.save_for_backward(x, alpha)
-        return uniform_codes(x, n / alpha, 0, n).mul_(alpha / n)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, alpha = ctx.saved_tensors
-        above = x >= alpha
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g * ((x >= 0) & ~above).to(g.dtype)
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = rowwise_dot(g, above.to(g.dtype), alpha)
-        return grad_x, grad_alpha, None
-
-
 def clipped_uniform(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
-    """Fake-quantise ``x`` to ``bits`` bits on ``[0, alpha]`` with PACT's gradients."""
-    return _ClippedUniform.apply(x, alpha, 2**bits - 1)
+    """Fake-quantise ``x`` to ``bits`` bits on ``[0, alpha]`` with PACT's gradients.
+
+    ``round(clip(x, 0, alpha) * n / alpha) * alpha / n`` (``n = 2^bits - 1``), the fused
+    ``lowbit::clipped_uniform`` operator. Backward: ``dyq/dx = 1{0 <= x < alpha}`` and
+    ``dyq/dalpha = 1{x >= alpha}`` (PACT's rule: the rounding is passed straight through, so
+    only the clip decides). At ``x = alpha`` the gradient goes to ``alpha``, not to ``x``; at
+    ``x = 0`` it goes to ``x``.
+    """
+    return ops.clipped_uniform(x, alpha, 2**bits - 1)
 
 
 def clipped_uniform_runtime_spec(alpha: Tensor, bits: int) -> StaticQuant:
@@ -83,7 +60,7 @@ class PACT(Quantizer):
 
     ``alpha`` is an ``nn.Parameter`` (per tensor); the value used is ``max(|alpha|, tiny)``.
     Gradients: ``dyq/dx = 1{0 <= x < alpha}``, ``dyq/dalpha = 1{x >= alpha}`` (see
-    :class:`_ClippedUniform`).
+    :func:`clipped_uniform`).
 
     Args:
         bits: 1..8.

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..contract import DynamicMaxAbsQuant, InputQuant
+from . import ops
 from .base import Quantizer, QuantSpec, Role, channel_view
 from .functional import (
     MAX_SEED,
@@ -31,9 +32,9 @@ class StochasticRounding(SeededRandom, Quantizer):
     ``QP = 2^(b-1) - 1``.
 
     * training: ``c = floor(x/s) + Bernoulli(x/s - floor(x/s))``, an unbiased rounding
-      (``E[c] = x/s``), clipped to ``[-QN, QP]``; the Bernoulli draws come from a
-      ``torch.Generator`` owned by the module, seeded with ``seed`` and created on the first
-      call on the input's device (created afresh, from ``seed`` again, if the device changes);
+      (``E[c] = x/s``), clipped to ``[-QN, QP]``; the Bernoulli draws come from the
+      module's own stream (:class:`SeededRandom`: a ``torch.Generator``'s, seeded with ``seed``,
+      created on the first call on the input's device, afresh if the device changes);
     * evaluation: ``c = round(x/s)`` (half to even), deterministic.
 
     Output ``s * c``; backward is straight-through (identity to ``x``; ``s`` gets no gradient).
@@ -67,22 +68,15 @@ class StochasticRounding(SeededRandom, Quantizer):
         amax = abs_rows(x, self.per_channel).amax(dim=-1)
         return (amax / self._qp).clamp_min_(torch.finfo(x.dtype).tiny)
 
-    def _stochastic_codes(self, x: Tensor, inv_step: Tensor) -> Tensor:
-        """``floor(y + u)``, ``u ~ U[0, 1)``: equals ``floor(y) + Bernoulli(y - floor(y))``.
-
-        (``floor(y + u) = floor(y) + 1`` exactly when ``u >= 1 - frac(y)``, probability
-        ``frac(y)``); one pass fewer than drawing the Bernoulli variable separately.
-        """
-        y = x.detach() * inv_step
-        return y.add_(self.uniform_like(y)).floor_().clamp_(-self._qn, self._qp)
-
     def forward(self, x: Tensor) -> Tensor:
+        """Training: ``s * clamp(floor(x / s + u), -QN, QP)`` with ``u ~ U[0, 1)`` (the fused
+        ``lowbit::stochastic_round``); ``floor(y + u) = floor(y) + Bernoulli(y - floor(y))``,
+        since ``floor(y + u) = floor(y) + 1`` exactly when ``u >= 1 - frac(y)``."""
         s = channel_view(self._scale(x), x.dim(), 0 if self.per_channel else None)
         if self.training:
-            c = self._stochastic_codes(x, 1.0 / s)
-        else:
-            c = uniform_codes(x.detach(), 1.0 / s, -self._qn, self._qp)
-        return straight_through(x, s * c)
+            return ops.stochastic_round(x, self.uniform_like(x), s, self._qn, self._qp)
+        self.rng_state(x.device)  # created in eval too, so a compiled training step finds it
+        return straight_through(x, s * uniform_codes(x.detach(), 1.0 / s, -self._qn, self._qp))
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> tuple[Tensor, QuantSpec]:

@@ -157,6 +157,12 @@ class TernaryTTQ(Quantizer):
         self.wp = nn.Parameter(torch.ones(()))
         self.wn = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        self._ready = False  # Python mirror of ``initialized``: no host sync after the first call
+        self.register_load_state_dict_post_hook(TernaryTTQ._reset_after_load)
+
+    @staticmethod
+    def _reset_after_load(module: TernaryTTQ, _incompatible: Any) -> None:
+        module._ready = False
 
     @torch.no_grad()
     def init_from(self, w: Tensor) -> None:
@@ -170,8 +176,12 @@ class TernaryTTQ(Quantizer):
         self.initialized.fill_(1)
 
     def _ensure_init(self, w: Tensor) -> None:
-        if not bool(self.initialized):
-            self.init_from(w)
+        """Initialise from ``w`` unless done; reads the buffer once (a host sync), then only the
+        Python flag, so a compiled forward has no branch on data."""
+        if not self._ready:
+            if not bool(self.initialized):
+                self.init_from(w)
+            self._ready = True
 
     def forward(self, x: Tensor) -> Tensor:
         self._ensure_init(x)
