@@ -33,8 +33,12 @@ def summary_lines(run_dir: Path) -> list[str]:
     if not file.is_file():
         return ["(no results.json: the run has not finished)"]
     r = json.loads(file.read_text())
-    if "test_acc" in r and "fp" in r:  # lowbit train / run_experiment
-        lines = [f"- float32 test top-1: {_percent(r['fp'].get('test', {}).get('acc'))}"]
+    if "test_acc" in r and ("fp" in r or "qat" in r):  # lowbit train / run_experiment
+        lines = []
+        if "fp" in r:
+            lines.append(f"- float32 test top-1: {_percent(r['fp'].get('test', {}).get('acc'))}")
+        if "test_bpb" in r:  # a language model (top-1: next-byte accuracy)
+            lines.append(f"- test bits per byte: {r['test_bpb']:.4f}")
         if "qat" in r:
             lines.append(
                 f"- quantised ({r.get('method')}) test top-1: "
