@@ -151,6 +151,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return model_state(tensors)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     slow = {"pretrain": {**TINY["pretrain"], "epochs": 2}, "train": {**TINY["train"], "epochs": 8}}
     exp = write_experiment(tmp_path, **slow)

@@ -44,6 +44,7 @@ def learned_params(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", lowbit.methods())
 def test_each_method_trains(method: str, digits_batch) -> None:
     x, y = digits_batch

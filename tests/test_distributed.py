@@ -384,6 +384,7 @@ def rounding_unit(method: str, g: torch.Tensor) -> torch.Tensor:
     return norms.expand_as(padded).reshape(-1)[: len(g)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_hooks_send_the_bytes_they_claim_and_average_correctly(
     hook_logs: list[dict[str, Any]], method: str
@@ -421,6 +422,7 @@ def per_parameter(rec: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
     return dict(zip(rec["names"], parts, strict=True))
 
 
+@pytest.mark.slow
 def test_error_feedback_residual_is_carried_between_steps(
     hook_logs: list[dict[str, Any]],
 ) -> None:
@@ -441,6 +443,7 @@ def test_error_feedback_residual_is_carried_between_steps(
         assert not torch.equal(recs[1]["residual_after"], recs[2]["residual_after"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_ranks_hold_identical_weights_and_statistics_after_every_step(
     trainer_logs: list[dict[str, Any]], method: str
@@ -463,6 +466,7 @@ def test_ranks_hold_identical_weights_and_statistics_after_every_step(
     assert summary["comm_ratio"] == pytest.approx(4 * n / expected_bytes(method, n))
 
 
+@pytest.mark.slow
 def test_observer_ranges_track_the_global_batch(trainer_logs: list[dict[str, Any]]) -> None:
     """EMA min/max after step t = EMA of the minimum (maximum) over both ranks' batches."""
     ranks = [log["none"] for log in trainer_logs]
@@ -486,6 +490,7 @@ def last_train_loss(run_dir: Path) -> float:
     return float(rows[-1].split(",")[1])
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_reach_comparable_loss(
     worker_output: Path, trainer_logs: list[dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -513,6 +518,7 @@ def writes(log: Path) -> dict[int, list[str]]:
     return {r: json.loads(Path(f"{log}.rank{r}.json").read_text()) for r in (0, 1)}
 
 
+@pytest.mark.slow
 def test_lowbit_train_runs_under_torchrun_and_only_rank_0_writes(worker_output: Path) -> None:
     seen = writes(worker_output / "full")
     assert seen[1] == [] and any("checkpoints" in w for w in seen[0])
@@ -523,6 +529,7 @@ def test_lowbit_train_runs_under_torchrun_and_only_rank_0_writes(worker_output: 
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # one row an epoch, not two
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_matches_the_uninterrupted_run(worker_output: Path) -> None:
     """The run stopped after epoch 1 and resumed by ``lowbit train --resume`` ends with bitwise
     the weights of the uninterrupted run (fp16 all-reduce; seeded sampler order)."""

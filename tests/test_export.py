@@ -312,6 +312,7 @@ def test_spec_and_codes_round_trip(scheme, bits, out, k, per_channel, asymmetric
 
 
 # ----------------------------------------------------------------------------- coverage
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(list_models("image"))))
 def test_every_registry_model_exports(index: int, tmp_path: Path) -> None:
     """Each registry model, with a different method each (all methods are covered)."""

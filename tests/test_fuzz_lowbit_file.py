@@ -4,7 +4,8 @@ a hang or a huge allocation.
 Explicit cases name each attack (a header that lies about shapes, sizes or offsets, huge dims,
 unknown versions, ops and packings, bad references, non-finite numbers, ...); then a seeded
 fuzzer mutates valid files (bit flips, truncation, garbage, and structured edits of both JSON
-headers) for a fixed time budget. A file the loader accepts must also run.
+headers), a fixed number of seeded cases (the same on every machine). A file the loader accepts
+must also run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from lowbit.export import build_graph, graph_to_bytes
 from lowbit.runtime import LowbitFileError, load, loads
 from test_export import IN_SHAPE, quantized_net
 
-FUZZ_SECONDS = 12.0
 MIN_CASES = 2000
 MAX_PEAK_BYTES = 64 * 2**20
 """No single case may allocate more than this (the valid files are ~10 KB)."""
@@ -398,11 +398,8 @@ def test_fuzz_mutated_files(files: dict[str, bytes]) -> None:
     originals = list(files.values())
     counts = {"refused": 0, "accepted": 0}
     tracemalloc.start()
-    start = time.perf_counter()
     try:
-        while counts["refused"] + counts["accepted"] < MIN_CASES or (
-            time.perf_counter() - start < FUZZ_SECONDS
-        ):
+        while counts["refused"] + counts["accepted"] < MIN_CASES:
             data = mutate(originals[rng.integers(len(originals))], rng)
             tracemalloc.reset_peak()
             t0 = time.perf_counter()
@@ -420,5 +417,4 @@ def test_fuzz_mutated_files(files: dict[str, bytes]) -> None:
     finally:
         tracemalloc.stop()
     total = counts["refused"] + counts["accepted"]
-    assert total >= MIN_CASES
     assert counts["refused"] > total // 2, counts  # most mutations must be caught

@@ -429,8 +429,9 @@ def test_other_weight_schemes_with_an_integer_path(mnist: dict, weights: dict) -
 
 
 def test_residual_network_add_and_global_pool(mnist: dict) -> None:
-    """ResNet-20: integer adds and the global average pool; the fake-quant model adds floats,
-    so agreement is close but not code-exact."""
+    """ResNet-20: integer adds and the global average pool. The fake-quant model adds floats;
+    the engine holds a tensor that an add reads on a wide grid (2^-20 of a code), so agreement
+    is close but not code-exact."""
     x = mnist["x_test"][:48]
     model = calibrated("resnet20", "affine", mnist["x_train"])
     program = compile_integer(to_graph(model, (1, 28, 28)))
@@ -440,7 +441,7 @@ def test_residual_network_add_and_global_pool(mnist: dict) -> None:
     rel = np.linalg.norm(logits - fq) / np.linalg.norm(fq)
     agree = np.mean(logits.argmax(1) == fq.argmax(1))
     print(f"resnet20: relative logit error {rel:.4f}, top-1 agreement {agree:.3f}")
-    assert rel < 0.05 and agree >= 0.9
+    assert rel < 0.01 and agree >= 0.97
     adds = [nd for nd in program.graph.nodes if nd.op in ("add", "global_avgpool2d")]
     assert len(adds) == 10
     for nd in adds:  # each output = round(float result of the dequantised inputs), +-1
@@ -453,7 +454,7 @@ def test_residual_network_add_and_global_pool(mnist: dict) -> None:
         g = program.grids[nd.name]
         expected = np.clip(np.round(real / g.scale) + g.zero_point, g.qmin, g.qmax)
         diff = np.abs(env[nd.name] - expected)
-        assert diff.max() <= 1 and diff.mean() < 1e-3, nd.name
+        assert diff.max() <= 1 and (g.wide or diff.mean() < 1e-3), nd.name  # wide: 2^-20 code
 
 
 # --------------------------------------------------------------------------- (4) refusals

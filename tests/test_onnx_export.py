@@ -12,7 +12,10 @@ on this machine (256 random N(0, 1) inputs, ``pytest -s`` prints them):
   summation order, and values within a few ulps of a rounding (or sign) boundary move to the
   neighbouring code. On random inputs, where an untrained net's logits nearly tie, that gives
   top-1 agreement 97-100% and max |diff| up to ~6% of the logit range; on real data (a briefly
-  trained affine LeNet-5 on the mnist5k test split) agreement is 100%.
+  trained affine or LSQ LeNet-5 on the mnist5k test split) agreement is 100%.
+
+None of this depends on the CPU: int8 weights that could saturate ONNX Runtime's AVX2 u8s8
+kernels are exported as uint8 (tests/test_onnx_saturation.py probes that with exact answers).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from torch import nn
 
 import lowbit
 from lowbit.data import load_dataset
+from lowbit.export import build_graph
 from lowbit.export.onnx import export_onnx, export_onnx_run, onnx_agreement
+from lowbit.export.ort_saturation import saturation_risks
 from lowbit.models import create_model
 from lowbit.models.resnet import BasicBlock
 from lowbit.nn import QuantConv2d, QuantLinear, weight_codes
+from lowbit.runtime.integer import compile_integer
 
 FLOAT_ACTIVATIONS = ("binaryconnect", "pow2", "ttq", "twn")
 BINARY_ACTIVATIONS = ("bnn", "xnor")
@@ -86,6 +92,7 @@ def calibrated(model: nn.Module, recipe: object) -> nn.Module:
 INPUTS = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net", ["smallcnn", "lenet5"])
 @pytest.mark.parametrize("method", EXPORTABLE)
 def test_default_recipe_exports_checks_and_agrees(tmp_path: Path, method: str, net: str) -> None:
@@ -122,13 +129,17 @@ def _initializer(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(t for t in proto.graph.initializer if t.name == name)
 
 
-def test_affine_layers_are_qdq_with_per_channel_int8_weights(tmp_path: Path) -> None:
+def test_affine_layers_are_qdq_with_per_channel_8bit_weights(tmp_path: Path) -> None:
     model = calibrated(make("lenet5"), "affine")
     proto = export_onnx(model, tmp_path / "m.onnx", INPUTS[:2])
     codes, spec = weight_codes(model.get_submodule("features.0.0"))
+    # uint8 activations up to 255 times int8 codes up to 127 could saturate ORT's AVX2 u8s8
+    # kernel: stored as uint8 codes + 128 with zero point 128 (the same weights)
     w = _initializer(proto, "features.0.0.weight_codes")
-    assert w.data_type == onnx.TensorProto.INT8
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w), codes.numpy())
+    assert w.data_type == onnx.TensorProto.UINT8
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w), codes.numpy() + 128)
+    wzp = onnx.numpy_helper.to_array(_initializer(proto, "features.0.0.weight_zero_point"))
+    assert wzp.tolist() == [128] * len(codes)
     dq = next(n for n in proto.graph.node if n.output[0] == "features.0.0.weight")
     assert dq.op_type == "DequantizeLinear"
     assert [(a.name, a.i) for a in dq.attribute] == [("axis", 0)]
@@ -196,12 +207,19 @@ def test_activation_forms(tmp_path: Path, method: str, ops: set[str]) -> None:
     assert "Sign" not in _ops(proto)  # ONNX Sign(0) = 0, BNN's sign(0) = +1
 
 
-def test_trained_affine_lenet5_agrees_on_mnist5k(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["affine", "lsq"])
+def test_trained_lenet5_agrees_on_mnist5k_in_default_session(tmp_path: Path, method: str) -> None:
+    """ONNX Runtime with default options (QDQ fused into QLinearConv/QGemm), the fake-quant
+    model and lowbit's integer engine on the 1000 mnist5k test images. int8 weights that could
+    saturate ORT's AVX2 u8s8 kernels are exported as uint8, so this holds on AVX2-only CPUs as on
+    VNNI ones. Remaining differences are single codes where a value sits on a rounding boundary
+    (ORT requantises in float32 with its own bias rounding); measured max |diff| 0.033 (affine)
+    and 4e-6 (lsq) of logits spanning about 18."""
     data = load_dataset("mnist5k")
     x_train = (data.train.images.float() * data.train.scale - data.train.mean) / data.train.std
     x_test = (data.test.images.float() * data.test.scale - data.test.mean) / data.test.std
     model = lowbit.quantize(
-        create_model("lenet5", 10, (1, 28, 28), seed=0, channels=(8, 16), hidden=64), "affine"
+        create_model("lenet5", 10, (1, 28, 28), seed=0, channels=(8, 16), hidden=64), method
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -214,17 +232,27 @@ def test_trained_affine_lenet5_agrees_on_mnist5k(tmp_path: Path) -> None:
         opt.step()
     model.eval()
     path = tmp_path / "lenet5.onnx"
-    export_onnx(model, path, x_test[:1])
+    proto = export_onnx(model, path, x_test[:1])
+    assert saturation_risks(proto.graph) == []
     exact = onnx_agreement(model, path, x_test, graph_optimization=False)
     r = onnx_agreement(model, path, x_test)
     with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == data.test.labels).float().mean().item()
-    print(f"trained affine lenet5 on mnist5k test: {r} (unoptimised {exact}), acc {accuracy:.3f}")
+        fq = model(x_test).numpy()
+    engine = compile_integer(build_graph(model, (1, 28, 28))).run(x_test.numpy())
+    span = float(np.abs(fq).max())
+    close = np.mean(np.abs(engine - fq).max(axis=1) <= 1e-3 * span)
+    accuracy = float(np.mean(fq.argmax(1) == data.test.labels.numpy()))
+    print(
+        f"trained {method} lenet5 on mnist5k test: ORT default {r} (unoptimised {exact}); "
+        f"engine top-1 {np.mean(engine.argmax(1) == fq.argmax(1))}, max|diff| "
+        f"{np.abs(engine - fq).max():.3g}, close {close}; logit span {span:.3g}, acc {accuracy:.3f}"
+    )
     assert accuracy > 0.85
     assert exact["top1_agreement"] == 1.0
-    # ORT's optimiser reorders float sums (and its thread count changes the order), which can move
-    # a value sitting on a rounding boundary by one code: allow 2 images in 1000.
-    assert r["top1_agreement"] >= 0.998
+    assert r["top1_agreement"] == 1.0
+    assert r["max_abs_diff"] <= 0.01 * span
+    assert np.array_equal(engine.argmax(1), fq.argmax(1))
+    assert np.abs(engine - fq).max() <= 0.01 * span and close >= 0.99
 
 
 def test_export_onnx_run(tmp_path: Path) -> None:

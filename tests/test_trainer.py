@@ -421,6 +421,7 @@ def checkpoint_epoch(run_dir: Path) -> int:
     return json.loads(meta.read_text())["meta"]["epoch"] if meta.exists() else 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     script = tmp_path / "train_script.py"
     script.write_text(KILL_SCRIPT)

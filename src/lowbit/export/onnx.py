@@ -36,7 +36,8 @@ Activations (each layer's ``input_quant``, and standalone quantisers)
 
 Agreement with the torch model: ``QuantizeLinear`` divides by the scale where the torch
 quantisers multiply by its float32 reciprocal, and ORT's convolutions sum in another order, so a
-value within a few ulps of a rounding boundary can land one code apart; see
+value within a few ulps of a rounding boundary can land one code apart (int8 weights that could
+saturate ORT's AVX2 u8s8 kernels are stored as uint8, see :mod:`lowbit.export.ort_saturation`); see
 :func:`onnx_agreement` and ``tests/test_onnx_export.py`` for measured differences.
 """
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import ConvBnAct, QuantAct, QuantConv2d, QuantLinear, layer_weight_bias, weight_codes
 from ..quant.base import Quantizer, QuantSpec
+from .ort_saturation import avoid_u8s8_saturation
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_run", "onnx_agreement"]
 
@@ -468,6 +471,12 @@ def export_onnx(
     restored afterwards); ``opset`` in ``[18, onnx's newest]`` (21 or later for 4-bit types).
     The result passes ``onnx.checker.check_model(full_check=True)``; it is written to ``path``
     and returned. Raises ValueError naming the node for parts with no ONNX form.
+
+    8-bit weights of a layer whose uint8 activations times int8 weights could saturate int16 in
+    ONNX Runtime's u8s8 kernels on x86 CPUs without VNNI are stored as uint8 (codes + 128, zero
+    point + 128: the same real weights), which ORT runs with its exact u8u8 kernels; see
+    :mod:`lowbit.export.ort_saturation` (a layer that cannot take that form falls back to float
+    weights with a warning naming it).
     """
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
@@ -483,6 +492,8 @@ def export_onnx(
     finally:
         for m, training in flags.items():
             m.train(training)
+    for message in avoid_u8s8_saturation(graph):  # exact in ORT on AVX2-only CPUs too
+        warnings.warn(message, stacklevel=2)
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="lowbit")
     proto.ir_version = helper.find_min_ir_version_for(opsets)

@@ -16,39 +16,40 @@ of a tensor is the one its *consumers* need (planned backwards from the outputs)
   ``[Z + round(a / S), Z + round(b / S)]``, padding pads with ``Z`` (real zero), max-pooling
   pads with the smallest integer;
 * ``avgpool2d``, ``global_avgpool2d`` and ``add`` do not commute with rounding, so their inputs
-  are kept on a *wide* grid ``(S 2^-16, Z 2^16)`` with int32 codes (16 extra fraction bits) unless
-  another consumer already fixes an 8-bit grid, and their result is brought to the output grid by
-  one rounding shift.
+  are kept on a *wide* grid ``(S 2^-20, Z 2^20)`` with int32 codes (``WIDE_BITS`` = 20 extra
+  fraction bits), also when a layer reads the same tensor (the fake-quant model adds the
+  unquantised value; the layer gets it rescaled to its own grid), and their result is brought to
+  the output grid by one rounding shift.
 
 **Layers.** A conv/linear computes ``acc = sum (q_in - Z_in) q_w`` (int32; weights with zero
 point 0, per-channel or per-tensor scale), adds ``bias_q = round(b / (S_in S_w))`` and
 requantises with ``M = S_in S_w / S_out = M0 2^-31 2^-n`` (:func:`lowbit.fixedpoint.
-quantize_multiplier`) in gemmlowp arithmetic: :func:`lowbit.runtime.kernels.int8_gemm` with its
-fused :class:`~lowbit.runtime.kernels.Requant` stage when both the input and the output codes
-fit one byte (signed or shifted ranges are offset into ``[0, 255]``, which does not change
-``q - Z``) and the weight codes fit int8, otherwise :func:`~lowbit.runtime.kernels.int8_gemm`
-alone or an exact numpy int64 product followed by
-:func:`lowbit.fixedpoint.requantize` (wide outputs, codes beyond 8 bits). Accumulators are
-saturated to int32 before requantisation. A ``batchnorm`` node that directly follows a layer (its
-only consumer) is folded into that layer's per-channel multiplier and bias at compile time
-(``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel with ``g < 0``
-has its weight codes negated); any other ``batchnorm``, float weight, or non-static input
-quantiser makes :func:`compile_integer` raise a :class:`~lowbit.runtime.graph.GraphError`
-naming the node ("not integer-only").
+quantize_multiplier`): by default in one 64-bit rounding (see **Rounding**) after
+:func:`lowbit.runtime.kernels.int8_gemm` (input codes offset into ``[0, 255]``, which does not
+change ``q - Z``, and int8 weight codes) or an exact numpy int64 product (codes beyond 8 bits);
+with an integer ``min_shift``, in gemmlowp arithmetic, through the kernel's fused
+:class:`~lowbit.runtime.kernels.Requant` stage when the output codes fit one byte too.
+Accumulators are saturated to int32 before requantisation. A ``batchnorm`` node that directly
+follows a layer (its only consumer) is folded into that layer's per-channel multiplier and bias
+at compile time (``y = g (S acc + b) + h`` becomes scale ``g S`` and bias ``g b + h``; a channel
+with ``g < 0`` has its weight codes negated); any other ``batchnorm``, float weight, or
+non-static input quantiser makes :func:`compile_integer` raise a
+:class:`~lowbit.runtime.graph.GraphError` naming the node ("not integer-only").
 
 Weight schemes with an integer path: ``uniform``/``affine`` with an integer zero point (codes
 ``c - Z``) or a half-integer one (DoReFa's ``(2^k - 1) / 2``: codes ``2c - 2Z``, scale ``S / 2``),
 ``binary``, symmetric ``ternary`` and ``pow2`` with at most 7 exponents (codes
 ``sign(c) 2^(|c| - 1)``, scale ``S 2^(1 - n)``). Asymmetric ternary (TTQ's ``Wp != Wn``) is not.
 
-**Rounding.** Requantisation rounds as gemmlowp does (see :func:`lowbit.fixedpoint.requantize`):
-against the fake-quant model's ``round_half_even(r / S) + Z`` it is off by one for a fraction
-of about ``2^-(n+1)`` of the codes, ``n`` the shift. Layers with a small shift (large
-``M``, e.g. a 4-bit LSQ layer feeding an 8-bit one: ``n = 3..4``, 2-6% off by one) get
-*headroom*: the accumulator is multiplied by ``2^L`` (exact, within int32) and the shift raised
-by ``L`` up to ``min_shift`` (default 8), with the bias quantised at ``2^-L`` of an accumulator
-unit; the rate drops to ``2^-(n+L+1)``. Such layers run the GEMM with
-:func:`~lowbit.runtime.kernels.int8_gemm` alone and requantise in numpy; ``min_shift=0`` is plain
+**Rounding.** By default requantisation is exact: ``Z + round_half_even((acc M0 + bias_q)
+2^-(31+n))`` in int64 with the bias below the binary point (:func:`_exact_epilogue` states the
+bound), i.e. the correctly rounded real value, as the fake-quant model's
+``round_half_even(r / S) + Z`` up to its own float32 error, on trained and untrained weights
+alike. ``compile_integer(graph, min_shift=L)`` selects gemmlowp's double rounding instead (see
+:func:`lowbit.fixedpoint.requantize`), off by one for about ``2^-(n+1)`` of the codes, ``n`` the
+shift; layers with a small shift then get *headroom*: the accumulator is multiplied by ``2^L``
+(exact, within int32) and the shift raised by ``L`` up to ``min_shift``, with the bias quantised
+at ``2^-L`` of an accumulator unit; the rate drops to ``2^-(n+L+1)``; ``min_shift=0`` is plain
 gemmlowp everywhere. Rescaling between grids (``add`` operands, a tensor consumed
 under two different grids) uses the same fixed-point multiply, or a single rounding shift
 (half away from zero) when the ratio of scales is a power of two (wide -> 8-bit). Averages
@@ -56,10 +57,9 @@ under two different grids) uses the same fixed-point multiply, or a single round
 integer arithmetic, with the window count including padding unless ``count_include_pad`` is
 False. ``add`` follows TFLite's idea of bringing both operands to one finer common scale with
 fixed-point multipliers before adding: here the common scale is the wide version of the output
-grid, ``(S_out 2^-16, Z_out 2^16)``; the sum is then shifted down by 16 bits with one rounding.
-In a residual network the fake-quant model adds *float* tensors, so the engine (which must hold
-the shortcut as codes) matches it only approximately there; sequential networks match up to the
-off-by-one cases above.
+grid, ``(S_out 2^-20, Z_out 2^20)``; the sum is then shifted down by 20 bits with one rounding.
+In a residual network the fake-quant model adds *float* tensors; the engine holds them to
+``2^-20`` of a code, so it matches up to rare off-by-ones there too.
 """
 
 from __future__ import annotations
@@ -82,13 +82,18 @@ from ..fixedpoint import (
 from . import kernels
 from .graph import WEIGHTED_OPS, Graph, GraphError, Node
 
-__all__ = ["MIN_SHIFT", "WIDE_BITS", "Grid", "IntegerProgram", "compile_integer", "rescale"]
+__all__ = [
+    "WIDE_BITS",
+    "Grid",
+    "IntegerProgram",
+    "compile_integer",
+    "rescale",
+    "round_shift_half_even",
+]
 
-WIDE_BITS = 16
+WIDE_BITS = 20
 """Extra fraction bits of the wide int32 grids that averages and additions are computed on."""
 
-MIN_SHIFT = 8
-"""Default ``min_shift`` of :func:`compile_integer`: off-by-one rate at most about ``2^-9``."""
 
 MEAN_OPS = ("avgpool2d", "global_avgpool2d", "add")
 MAX_POW2_LEVELS = 7  # pow2 codes sign(c) 2^(|c| - 1) then fit int8
@@ -247,14 +252,31 @@ def _integer_weight(node: Node) -> tuple[NDArray[np.int64], NDArray[np.float64]]
 # ----------------------------------------------------------------------------- layers
 
 
+INT64_ROOM = 2**62  # |acc m0| + |bias| stays below this in the exact requantisation
+
+
+def round_shift_half_even(x: NDArray[np.int64], s: NDArray[np.int64]) -> NDArray[np.int64]:
+    """``x / 2^s`` rounded to nearest, ties to even, in exact int64 arithmetic (``s >= 1``)."""
+    x, s = np.asarray(x, np.int64), np.asarray(s, np.int64)
+    q = x >> s  # floor
+    rem = x - (q << s)
+    half = np.left_shift(np.int64(1), s - 1)
+    return q + ((rem > half) | ((rem == half) & (q & 1 == 1)))
+
+
 @dataclass(frozen=True)
 class _Epilogue:
     """What follows a layer's accumulator: requantisation to ``grid``, or (``grid`` None) float.
 
     ``real = scale * acc + bias`` per output channel (``scale > 0``, BatchNorm folded in). For a
-    grid: ``q = requantize(acc 2^headroom + bias_q, m0, shift)`` with
-    ``m0 2^-31 2^-shift = 2^-headroom scale / S_out`` and ``bias_q = round(bias 2^headroom /
-    scale)``.
+    grid, two schemes (``exact``):
+
+    * exact (the default): ``q = Z + round_half_even((acc m0 + bias_q) 2^-shift)`` in int64,
+      with ``m0 2^-shift = scale / S_out`` (``m0 in [2^30, 2^31)``) and ``bias_q =
+      round(bias / S_out 2^shift)``; see :func:`_exact_epilogue` for its error bound;
+    * gemmlowp: ``q = requantize(acc 2^headroom + bias_q, m0, shift)`` with
+      ``m0 2^-31 2^-shift = 2^-headroom scale / S_out`` and ``bias_q = round(bias 2^headroom /
+      scale)`` (:func:`lowbit.fixedpoint.requantize`, double rounding).
     """
 
     scale: NDArray[np.float64]
@@ -264,12 +286,63 @@ class _Epilogue:
     m0: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     shift: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     bias_q: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    exact: bool = True
 
     def requantize(self, acc: NDArray[np.int64], sl: slice) -> NDArray[np.int32]:
         """Codes from int64 accumulators ``[M, N]`` of output channels ``sl`` (int32-saturated)."""
         g = self.grid
+        if self.exact:
+            acc = np.clip(acc, INT32_MIN, INT32_MAX)
+            q = round_shift_half_even(acc * self.m0[sl] + self.bias_q[sl], self.shift[sl])
+            return np.clip(q + g.zero_point, g.qmin, g.qmax).astype(np.int32)
         scaled = np.clip(acc * 2**self.headroom + self.bias_q[sl], INT32_MIN, INT32_MAX)
         return requantize(scaled, self.m0[sl], self.shift[sl], g.zero_point, g.qmin, g.qmax)
+
+
+def _multipliers(node: Node, ratio: NDArray[np.float64]) -> tuple[NDArray[np.int64], ...]:
+    try:
+        pairs = [quantize_multiplier(float(r)) for r in ratio]
+    except ValueError as exc:
+        raise GraphError(f"node {node.name!r}: cannot requantise: {exc}") from exc
+    m0, shift = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
+    return m0, shift
+
+
+def _exact_epilogue(
+    node: Node, scale: NDArray[np.float64], bias: NDArray[np.float64], grid: Grid, acc_bound: int
+) -> _Epilogue:
+    """Single-rounding requantisation in 64 bits, exact up to a bound (the default scheme).
+
+    Per channel ``M = scale / S_out = m0 2^-31 2^-n`` (:func:`~lowbit.fixedpoint.
+    quantize_multiplier`), total shift ``s = 31 + n`` and ``bias_q = round(bias / S_out 2^s)``;
+    the output is ``Z + round_half_even((acc m0 + bias_q) 2^-s)``, clamped. ``acc`` is the int32
+    accumulator, ``acc m0 + bias_q`` an int64 (when ``acc_bound m0 + |bias_q|`` could reach
+    ``2^62``, or ``s > 62``, ``m0`` and ``s`` lose the same number of low bits, which for
+    ``s > 62`` costs less than ``acc_bound 2^-62`` of a code). Against the real value
+    ``v = M_f acc + bias / S_out`` (``M_f`` the float64 ratio) the rounded quantity is off by at
+    most ``|M_f acc| 2^-31 + 2^-s`` (``m0``'s rounding, then ``bias_q``'s) plus float64's
+    ``2^-52`` relative error of ``bias / S_out``: for outputs within a few hundred codes that is
+    below ``2^-21`` of a code, so the code equals ``round_half_even(v)`` unless ``v`` lies that
+    close to a half-integer -- closer than the float32 fake-quant model computes ``v`` itself.
+    A C kernel implements it with int32 accumulators, a 32x32->64-bit multiply per output, one
+    64-bit add and a rounding right shift (TFLite's single-rounding
+    ``MultiplyByQuantizedMultiplier`` with the bias folded in below the binary point, and ties to
+    even as ``torch.round``).
+    """
+    m0, n = _multipliers(node, scale / grid.scale)
+    shift = 31 + n
+    offset = bias / grid.scale
+    acc_bound = min(acc_bound, INT32_MAX)
+    while True:
+        bias_q = np.rint(offset * np.exp2(shift.astype(np.float64)))
+        over = (acc_bound * m0.astype(np.float64) + np.abs(bias_q) >= INT64_ROOM) | (shift > 62)
+        if not over.any():
+            break
+        if shift[over].min() <= 1:
+            raise GraphError(f"node {node.name!r}: cannot requantise within 64 bits")
+        m0 = np.where(over, (m0 + 1) >> 1, m0)
+        shift = np.where(over, shift - 1, shift)
+    return _Epilogue(scale, bias, grid, 0, m0, shift, bias_q.astype(np.int64))
 
 
 def _epilogue(
@@ -278,30 +351,29 @@ def _epilogue(
     bias: NDArray[np.float64],
     grid: Grid | None,
     acc_bound: int,
-    min_shift: int,
+    min_shift: int | None,
 ) -> _Epilogue:
     """Multipliers, headroom and quantised bias of a layer; ``acc_bound`` bounds ``|acc|``.
 
-    Headroom: when the smallest requantisation shift ``n`` is below ``min_shift``, the
-    accumulator is multiplied by ``2^L`` (exact in int32, ``L <= min_shift - n``, limited by
-    ``acc_bound``) and the shift raised by ``L``, so the double rounding of the high multiply
-    and the shift lands ``min_shift`` bits below the output's unit (rate ``2^-(n+L+1)`` instead
-    of ``2^-(n+1)``) and the bias is kept to ``2^-L`` of an accumulator unit.
+    ``min_shift`` None: :func:`_exact_epilogue`. Otherwise gemmlowp with headroom: when the
+    smallest requantisation shift ``n`` is below ``min_shift``, the accumulator is multiplied by
+    ``2^L`` (exact in int32, ``L <= min_shift - n``, limited by ``acc_bound``) and the shift
+    raised by ``L``, so the double rounding of the high multiply and the shift lands
+    ``min_shift`` bits below the output's unit (rate ``2^-(n+L+1)`` instead of ``2^-(n+1)``) and
+    the bias is kept to ``2^-L`` of an accumulator unit.
     """
     if grid is None:
         return _Epilogue(scale, bias, None)
-    try:
-        pairs = [quantize_multiplier(float(s / grid.scale)) for s in scale]
-    except ValueError as exc:
-        raise GraphError(f"node {node.name!r}: cannot requantise: {exc}") from exc
-    m0, shift = (np.array(v, dtype=np.int64) for v in zip(*pairs, strict=True))
+    if min_shift is None:
+        return _exact_epilogue(node, scale, bias, grid, acc_bound)
+    m0, shift = _multipliers(node, scale / grid.scale)
     bias_bound = int(np.abs(np.rint(bias / scale)).max(initial=0)) + 1
     room = math.floor(math.log2(INT32_MAX / (acc_bound + bias_bound)))
     if room < 0:
         raise GraphError(f"node {node.name!r}: accumulator and bias may overflow int32")
     headroom = max(0, min(min_shift - int(shift.min()), room))
     bias_q = np.rint(bias * 2.0**headroom / scale).astype(np.int64)
-    return _Epilogue(scale, bias, grid, headroom, m0, shift + headroom, bias_q)
+    return _Epilogue(scale, bias, grid, headroom, m0, shift + headroom, bias_q, exact=False)
 
 
 @dataclass(frozen=True)
@@ -356,7 +428,8 @@ class _Layer:
         w8 = np.ascontiguousarray(rows.astype(np.int8)) if fits else None
         o_off = None if grid is None else _uint8_offset(grid.qmin, grid.qmax, grid.zero_point)
         stage = None
-        if w8 is not None and self.a_off is not None and o_off is not None and not ep.headroom:
+        fused = not ep.exact and not ep.headroom  # the C stage rounds as gemmlowp
+        if w8 is not None and self.a_off is not None and o_off is not None and fused:
             bias = ep.bias_q[sl]
             if rows.shape[1] * 255 * 128 + np.abs(bias).max(initial=0) <= INT32_MAX:
                 stage = kernels.Requant(
@@ -573,9 +646,11 @@ def _want(plan: _Plan, name: str) -> tuple[Grid | None, bool]:
             raise GraphError(f"graph output {name!r} is also consumed inside the graph")
         return None, True
     if exact:
-        if all(g == exact[0] for g in exact):
+        if all(g == exact[0] for g in exact) and not soft:
             return exact[0], True
-        return exact[0].widened(), False  # consumers with different grids: rescale from wide
+        # consumers with different grids, or an add/average that takes the real value (the
+        # fake-quant model adds the unquantised tensor): hold it wide, rescale for each
+        return exact[0].widened(), False
     if soft:
         return soft[0], False
     raise GraphError(f"tensor {name!r} has no consumer and is not a graph output")
@@ -663,7 +738,7 @@ class IntegerProgram:
         return self.dequantize_output(self.run_codes(self.quantize_input(x)))
 
 
-def _layer_step(plan: _Plan, node: Node, min_shift: int) -> _Layer:
+def _layer_step(plan: _Plan, node: Node, min_shift: int | None) -> _Layer:
     """A layer with its epilogue: ``real = (S_in S_w) acc + b``, then a folded BatchNorm."""
     codes, w_scale = _integer_weight(node)
     grid_in = _static_grid(node)
@@ -700,19 +775,23 @@ def _op_step(plan: _Plan, node: Node) -> _Op:
     return _Op(node.name, node.inputs, srcs, grid, grid, _pass_op(node, grid))
 
 
-def compile_integer(graph: Graph, *, min_shift: int = MIN_SHIFT) -> IntegerProgram:
+def compile_integer(graph: Graph, *, min_shift: int | None = None) -> IntegerProgram:
     """Compile ``graph`` for integer-only inference (Jacob et al. 2018).
 
-    ``min_shift``: layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits
-    of accumulator headroom (see the module docstring); 0 gives plain gemmlowp requantisation
-    everywhere (the kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
+    ``min_shift`` None (the default): every layer requantises with the exact single-rounding
+    64-bit scheme (:func:`_exact_epilogue`), so the codes are the correctly rounded real values
+    whatever the weights (trained or not). An integer selects gemmlowp's double rounding instead:
+    layers whose requantisation shift ``n`` is smaller get ``min_shift - n`` bits of accumulator
+    headroom (see the module docstring); 0 gives plain gemmlowp requantisation everywhere (the
+    kernels' fused :class:`~lowbit.runtime.kernels.Requant` stage).
 
     Raises :class:`~lowbit.runtime.graph.GraphError` naming the node when part of the graph is
     not integer-only (float weights or activations, a BatchNorm that does not follow a layer,
     dynamic/sign input quantisers, asymmetric ternary weights) or unsupported.
     """
-    if isinstance(min_shift, bool) or not isinstance(min_shift, int) or not 0 <= min_shift <= 31:
-        raise ValueError(f"min_shift must be an integer in [0, 31], got {min_shift!r}")
+    bad = isinstance(min_shift, bool) or not isinstance(min_shift, int | None)
+    if bad or (min_shift is not None and not 0 <= min_shift <= 31):
+        raise ValueError(f"min_shift must be None or an integer in [0, 31], got {min_shift!r}")
     graph.validate()
     if len(graph.inputs) != 1:
         raise GraphError(f"the integer engine needs one graph input, got {graph.inputs}")
