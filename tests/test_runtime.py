@@ -30,6 +30,7 @@ from lowbit.nn import QuantConv2d
 from lowbit.quant import create
 from lowbit.runtime import Model, classify, load, read_input
 from test_export import (
+    EXPORTABLE,
     IN_SHAPE,
     LAYER_RTOL,
     batch,
@@ -52,14 +53,14 @@ def assert_end_to_end_close(out: np.ndarray, ref: np.ndarray, share: float) -> N
 
 
 # ----------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_each_layer_matches_torch(method: str) -> None:
     errors = layerwise_errors(quantized_net(method), batch(16, seed=3))
     assert len(errors) >= 10
     assert max(errors.values()) <= LAYER_RTOL, errors
 
 
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_small_cnn_end_to_end(method: str) -> None:
     model = quantized_net(method)
     x = batch(32, seed=4)
@@ -69,7 +70,7 @@ def test_small_cnn_end_to_end(method: str) -> None:
     assert_end_to_end_close(out, ref, 0.97)
 
 
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_lenet5_end_to_end(method: str) -> None:
     shape = (1, 28, 28)
     model = create_model("lenet5", 10, shape, seed=0, channels=(8, 16), hidden=32)
@@ -202,7 +203,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: fl
     model.eval()
 
 
-@pytest.mark.parametrize("method", lowbit.methods())
+@pytest.mark.parametrize("method", EXPORTABLE)
 def test_trained_model_agrees_on_mnist_test_split(method: str, mnist, tmp_path: Path) -> None:
     x_train, y_train, x_test, _, float_model = mnist
     model = lowbit.quantize(copy.deepcopy(float_model), method)

@@ -38,6 +38,8 @@ def summary_lines(run_dir: Path) -> list[str]:
         f"- {method} ({r.get('kind')}) test top-1 {_percent(r.get('test_acc'))}, validation "
         f"top-1 {_percent(r.get('val_acc'))}"
     )
+    if r.get("test_bpb") is not None:  # a language model (top-1: next-byte accuracy)
+        lines.append(f"- test bits per byte: {r['test_bpb']:.4f}")
     if r.get("bits_w") is not None:
         lines.append(
             f"- bits w/a {r['bits_w']:g}/{r['bits_a']}, sparsity {_percent(r['sparsity'])}"
