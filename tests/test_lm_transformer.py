@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.convert import PartialQuantizationWarning
 from lowbit.models import KVCache, create_model, list_models, model_task
 from lowbit.models.llama import apply_rotary, rotary_tables
 from lowbit.nn import QuantEmbedding, QuantLinear
@@ -175,7 +176,7 @@ def test_embedding_rules_are_checked() -> None:
 def test_multihead_attention_stays_float_with_a_warning() -> None:
     block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
     model = nn.Sequential(block, nn.Linear(16, 4))
-    with pytest.warns(UserWarning, match=r"MultiheadAttention '0.self_attn' stays float"):
+    with pytest.warns(PartialQuantizationWarning, match=r"0\.self_attn \(MultiheadAttention\)"):
         lowbit.quantize(model, "bitnet")
     assert type(block.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert isinstance(block.linear1, QuantLinear) and isinstance(block.linear2, QuantLinear)
