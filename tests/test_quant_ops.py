@@ -11,6 +11,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -191,3 +196,22 @@ def test_uniform_from_state_continues_one_stream() -> None:
     reference = torch.Generator().manual_seed(5)
     for d in draws:
         assert torch.equal(d, torch.rand(like.shape, generator=reference))
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    # torch's build lock has no timeout: one left by a killed build would block every later
+    # process forever, so the kernels' build removes a lock older than STALE_LOCK_S.
+    assert native.clear_stale_lock(tmp_path) is False  # no lock
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert native.clear_stale_lock(tmp_path) is False and lock.exists()  # a live build
+    old = time.time() - native.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert native.clear_stale_lock(tmp_path) is True and not lock.exists()
+
+
+def test_build_directory_is_per_torch_and_python_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/x")
+    d = native.build_directory("k")
+    assert d.parent.parent == Path("/x") and d.name == "k"
+    assert torch.__version__ in d.parent.name and f"py{sys.version_info[0]}" in d.parent.name
