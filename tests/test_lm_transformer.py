@@ -165,6 +165,18 @@ def test_overrides_by_glob_and_embedding_quantisation() -> None:
     assert row.weight_bits == 1.6
 
 
+def test_an_embedding_an_override_names_is_not_reported_float() -> None:
+    recipe = {"method": "bitnet", "overrides": {"model.embed_tokens": {"weights": "bitnet"}}}
+    report = lowbit.check(tiny_llama(), recipe)
+    assert "model.embed_tokens" not in report.float_layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lowbit.quantize(tiny_llama(), recipe)
+    assert not any("model.embed_tokens" in str(w.message) for w in caught)
+    # without the override it stays float, and both say so
+    assert "model.embed_tokens" in lowbit.check(tiny_llama(), "bitnet").float_layers
+
+
 def test_embedding_rules_are_checked() -> None:
     both = {"weights": "bitnet", "activations": "bitnet"}
     with pytest.raises(lowbit.RecipeError, match="only its weights"):

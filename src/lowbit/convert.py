@@ -82,14 +82,19 @@ def embedding_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def float_layers(model: nn.Module) -> dict[str, str]:
+def float_layers(
+    model: nn.Module, plan: Mapping[str, LayerQuant | None] | None = None
+) -> dict[str, str]:
     """``{name: type}`` of the weighted layers lowbit cannot quantise, which stay float.
 
     A layer counts when it owns a parameter, is not a candidate of :func:`quantize` (nor an
-    already quantised layer, nor inside one, nor a quantiser) and is not a normalisation layer;
-    submodules of such a layer (an attention's ``out_proj``) are covered by it.
+    already quantised layer, nor inside one, nor a quantiser, nor a layer ``plan`` — what
+    :func:`resolve_layers` returned — quantises, such as an embedding an override names) and is
+    not a normalisation layer; submodules of such a layer (an attention's ``out_proj``) are
+    covered by it.
     """
     covered = set(candidate_layers(model))
+    covered.update(n for n, layer in (plan or {}).items() if layer is not None)
     covered.update(n for n, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES))
     found: dict[str, str] = {}
     for name, m in model.named_modules():
@@ -151,8 +156,7 @@ def quantize(model: nn.Module, recipe: RecipeLike) -> nn.Module:
     recipe = Recipe.load(recipe)
     _refuse_quantized(model)
     plan = resolve_layers(model, recipe)
-    quantised = {name for name, layer in plan.items() if layer is not None}
-    left_float = {n: t for n, t in float_layers(model).items() if n not in quantised}
+    left_float = float_layers(model, plan)
     if left_float:
         listed = ", ".join(f"{n} ({t})" for n, t in left_float.items())
         warnings.warn(

@@ -61,7 +61,9 @@ def check(
     kept: dict[str, str] = {
         name: "the recipe keeps it float" for name, lq in plan.items() if lq is None
     }
-    kept.update({n: f"lowbit cannot quantise {kind}" for n, kind in float_layers(model).items()})
+    kept.update(
+        {n: f"lowbit cannot quantise {kind}" for n, kind in float_layers(model, plan).items()}
+    )
     if example_input is None:
         return CheckReport(kept)
     trial = copy.deepcopy(model).cpu()
